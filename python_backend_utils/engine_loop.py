@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from python_backend_utils.engine import LLMEngine, RequestOutput
+from python_backend_utils.errors import RequestAbortedError
 from python_backend_utils.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class EngineLoop:
             if subscriber.is_cancelled():
                 self.engine.abort(request_id)
                 del self._subscribers[request_id]
+                # The final flag still has to go out, or Triton waits on the request at unload.
+                self._fail(subscriber, RequestAbortedError(f"request {request_id} was cancelled by the client"))
 
     def _drain_commands(self, block: bool, timeout: float | None = None) -> None:
         try:

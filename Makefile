@@ -1,0 +1,50 @@
+# Fresh machine to running server in one command. Every setup step leaves a file behind and is
+# skipped while that file is newer than what it was made from, so a second run starts at once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := $(or $(TRITON_DISAGG_CACHE),$(HOME)/.cache/triton-disagg)
+RUNTIME := $(CACHE)/pytriton-runtime
+TRITONSERVER := $(RUNTIME)/pytriton/tritonserver/bin/tritonserver
+DEFAULT_MODEL := $(CACHE)/models/SmolLM2-135M-Instruct/.conversion-complete
+DEPS := $(VENV)/.deps-installed
+
+# Extra arguments, e.g. make serve SERVE_ARGS="--model-dir /path/to/checkpoint"
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test model bench-engine setup clean
+
+serve: setup
+	$(BIN)/disagg-serve $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+model: $(DEFAULT_MODEL)
+
+bench-engine: $(DEPS) $(DEFAULT_MODEL)
+	$(BIN)/python -m client.bench_engine
+
+setup: $(DEPS) $(TRITONSERVER) $(DEFAULT_MODEL)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: a bare `torch` requirement would pull a CUDA build.
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+# The Triton server from PyPI, as a runtime only: its Python dependencies clash with ours.
+$(TRITONSERVER): | $(BIN)/python
+	$(BIN)/pip install --no-deps --upgrade --target $(RUNTIME) nvidia-pytriton==0.7.0
+
+$(DEFAULT_MODEL): | $(DEPS)
+	$(BIN)/python -m python_backend_utils.default_model
+
+# The venv and build leftovers; the converted model and the Triton runtime stay in $(CACHE).
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,79 @@
+"""`disagg-serve`: run tritonserver on our model repository until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument("--model-dir", help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="overrides the device in config.pbtxt")
+    parser.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="load only this model and what it depends on (repeatable; default: every model)",
+    )
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    return parser.parse_args(argv)
+
+
+def banner(server: TritonServer) -> str:
+    urls = server.urls
+    prompt = '{"text_input": "The capital of France is", "max_tokens": 16}'
+    return "\n".join(
+        [
+            "tritonserver is ready",
+            f"  HTTP     http://{urls.http}",
+            f"  gRPC     {urls.grpc}",
+            f"  metrics  http://{urls.metrics}/metrics",
+            "try:",
+            f"  curl -s http://{urls.http}/v2/models/ensemble/generate -d '{prompt}'",
+            f'  python -m client.generate --url {urls.grpc} --stream "Tell me a story"',
+            "Ctrl-C stops the server.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    server = TritonServer(
+        args.model_repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        models=args.load_model,
+        model_dir=args.model_dir,
+        device=args.device,
+        ready_timeout_s=args.ready_timeout,
+    )
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops the server either way.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        server.start()
+        print(banner(server), flush=True)
+        status = server.wait()
+        print(f"tritonserver exited with status {status}", file=sys.stderr)
+        return status
+    except ServerStartError as error:
+        print(error, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

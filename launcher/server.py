@@ -1,0 +1,210 @@
+"""Start and stop one tritonserver process serving our model repository.
+
+The server runs in its own process group, with a shared-memory prefix of its own for the
+Python stubs, so that a failed or finished server can be cleaned up completely (its stubs and
+its /dev/shm regions) without touching anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.runtime import TritonRuntime, find_runtime
+from python_backend_utils.config import DEVICE_ENV
+from python_backend_utils.default_model import MODEL_DIR_ENV
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+SHM_DIR = Path("/dev/shm")
+START_ATTEMPTS = 2  # a start fails now and then (seen: a lock exception during model load)
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver did not become ready."""
+
+
+@dataclass(frozen=True)
+class ServerUrls:
+    http: str  # host:port, the form tritonclient takes
+    grpc: str
+    metrics: str
+
+
+class TritonServer:
+    """A tritonserver child process; use as a context manager or call start() and stop()."""
+
+    def __init__(
+        self,
+        model_repository: Path = DEFAULT_MODEL_REPOSITORY,
+        *,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        models: Sequence[str] = (),
+        model_dir: str | None = None,
+        device: str | None = None,
+        log_file: Path | None = None,
+        ready_timeout_s: float = 300.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
+        """`models` empty loads every model in the repository; otherwise only those (and what
+        they depend on) in explicit model-control mode. `log_file` None leaves the server's
+        output on ours."""
+        self.model_repository = Path(model_repository).resolve()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.models = tuple(models)
+        self.model_dir = model_dir
+        self.device = device
+        self.log_file = log_file
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._process: subprocess.Popen | None = None
+        self._shm_prefix = ""
+
+    @property
+    def urls(self) -> ServerUrls:
+        return ServerUrls(
+            http=f"localhost:{self.http_port}",
+            grpc=f"localhost:{self.grpc_port}",
+            metrics=f"localhost:{self.metrics_port}",
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process, which also leads the process group of its stubs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Launch and wait until ready; a failed start is cleaned up and tried once more."""
+        runtime = find_runtime()
+        failures = []
+        for _ in range(START_ATTEMPTS):
+            self._launch(runtime)
+            try:
+                self._wait_until_ready()
+                return
+            except ServerStartError as error:
+                failures.append(str(error))
+                self._kill()
+        raise ServerStartError("tritonserver failed to start:\n" + "\n".join(failures))
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit status."""
+        assert self._process is not None, "start() first"
+        return self._process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (Triton unloads models and stops the stubs), SIGKILL the group after the timeout."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def command(self, runtime: TritonRuntime, shm_prefix: str) -> list[str]:
+        command = [
+            str(runtime.executable),
+            f"--model-repository={self.model_repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--disable-auto-complete-config",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        ]
+        if runtime.backend_directory is not None:
+            command.append(f"--backend-directory={runtime.backend_directory}")
+        if self.device != "cuda":
+            command += [
+                "--allow-gpu-metrics=false",
+                "--pinned-memory-pool-byte-size=0",
+                "--cuda-memory-pool-byte-size=0:0",
+            ]
+        if self.models:
+            command.append("--model-control-mode=explicit")
+            command += [f"--load-model={name}" for name in self.models]
+        return command
+
+    def _launch(self, runtime: TritonRuntime) -> None:
+        # Unique per attempt, so a stub left over from a failed attempt never shares a region.
+        self._shm_prefix = f"triton_disagg_{os.getpid()}_{secrets.token_hex(4)}_"
+        env = runtime.environment(dict(os.environ))
+        if self.model_dir:
+            env[MODEL_DIR_ENV] = str(Path(self.model_dir).expanduser().resolve())
+        if self.device:
+            env[DEVICE_ENV] = self.device
+        output = None
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_file, "ab")
+        try:
+            self._process = subprocess.Popen(
+                self.command(runtime, self._shm_prefix),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,
+            )
+        finally:
+            if output is not None:
+                output.close()
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        url = f"http://{self.urls.http}/v2/health/ready"
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            status = self._process.poll()
+            if status is not None:
+                raise ServerStartError(f"tritonserver exited with status {status}{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise ServerStartError(f"tritonserver not ready after {self.ready_timeout_s:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        """The log's error lines (Triton prefixes them with E and the date), else its last lines."""
+        if self.log_file is None:
+            return " (its log is above)"
+        lines = self.log_file.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if re.match(r"E\d{4} |error: ", line)]
+        return f"; from {self.log_file}:\n" + "\n".join(errors[-10:] or lines[-20:])
+
+    def _kill(self) -> None:
+        """SIGKILL whatever is left of the server's process group and remove its /dev/shm regions."""
+        if self._process is not None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.wait()
+        for region in SHM_DIR.glob(f"{self._shm_prefix}*") if self._shm_prefix else ():
+            region.unlink(missing_ok=True)

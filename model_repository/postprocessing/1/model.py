@@ -1,0 +1,24 @@
+"""Detokenize the new tokens of one response, using the tokens before them as context."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backend_utils.detokenize import decode_increment
+from python_backend_utils.tokenizer import load_tokenizer
+from python_backend_utils.triton_io import model_parameters, request_inputs
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.tokenizer = load_tokenizer(model_parameters(args["model_config"]))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            inputs = request_inputs(request)
+            text = decode_increment(
+                self.tokenizer, inputs["PRECEDING_TOKENS"].reshape(-1).tolist(), inputs["TOKENS_BATCH"].reshape(-1).tolist()
+            )
+            output = np.array([text.encode("utf-8")], dtype=np.object_)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", output)]))
+        return responses

@@ -1,0 +1,34 @@
+"""Shared fixtures. `triton_server` starts one real tritonserver for the whole session."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from launcher import TritonServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """tritonserver on free ports serving `ensemble` (and its steps) and `ensemble_unary`."""
+    log_file = tmp_path_factory.mktemp("tritonserver") / "server.log"
+    server = TritonServer(
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        models=["ensemble", "ensemble_unary"],
+        log_file=log_file,
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
