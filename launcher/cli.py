@@ -9,6 +9,14 @@ from pathlib import Path
 
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 
+# What each mode loads. The orchestrator reaches context and generation through BLS, which
+# Triton does not count as a dependency, so they are named here.
+MODES = {
+    "disaggregated": ["ensemble", "ensemble_unary", "context", "generation"],
+    "aggregated": ["ensemble_aggregated", "aggregated"],
+    "both": ["ensemble", "ensemble_unary", "context", "generation", "ensemble_aggregated", "aggregated"],
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
@@ -20,7 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="load only this model and what it depends on (repeatable; default: every model)",
+        help="load only this model and what it depends on (repeatable; replaces --mode's list)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        default="disaggregated",
+        help="disaggregated: `ensemble` runs context and generation instances (default); "
+        "aggregated: `ensemble_aggregated` runs both phases in one engine; both: everything",
     )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -29,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def banner(server: TritonServer) -> str:
+def banner(server: TritonServer, ensemble: str) -> str:
     urls = server.urls
     prompt = '{"text_input": "The capital of France is", "max_tokens": 16}'
     return "\n".join(
@@ -39,7 +54,7 @@ def banner(server: TritonServer) -> str:
             f"  gRPC     {urls.grpc}",
             f"  metrics  http://{urls.metrics}/metrics",
             "try:",
-            f"  curl -s http://{urls.http}/v2/models/ensemble/generate -d '{prompt}'",
+            f"  curl -s http://{urls.http}/v2/models/{ensemble}/generate -d '{prompt}'",
             f'  python -m client.generate --url {urls.grpc} --stream "Tell me a story"',
             "Ctrl-C stops the server.",
         ]
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        models=args.load_model,
+        models=args.load_model or MODES[args.mode],
         model_dir=args.model_dir,
         device=args.device,
         ready_timeout_s=args.ready_timeout,
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         server.start()
-        print(banner(server), flush=True)
+        print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble"), flush=True)
         status = server.wait()
         print(f"tritonserver exited with status {status}", file=sys.stderr)
         return status

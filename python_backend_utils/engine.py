@@ -13,22 +13,11 @@ from python_backend_utils.block_manager import BlockManager
 from python_backend_utils.config import EngineConfig
 from python_backend_utils.default_model import resolve_model_dir
 from python_backend_utils.errors import CapacityError, InvalidRequestError
-from python_backend_utils.model_runner import Chunk, KVPool, PagedCausalLM
+from python_backend_utils.messages import RequestOutput
+from python_backend_utils.model_runner import Chunk, KVPool, ModelShape, PagedCausalLM
 from python_backend_utils.sampling import SamplingParams, apply_bad_words, sample
 from python_backend_utils.scheduler import ScheduledChunk, Scheduler
 from python_backend_utils.sequence import Role, Sequence, Status
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    token_ids: list[int]  # produced since the last output for this request
-    log_probs: list[float]  # same length, filled when the request asked for them
-    finished: bool
-    finish_reason: str | None  # "length" | "stop" | "abort" | None (context-only: KV held for a pull)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    kv_block_ids: list[int] | None = None  # context-only: the blocks holding the prompt's KV
 
 
 @dataclass(frozen=True)
@@ -44,8 +33,13 @@ class EngineStats:
     prefix_cache_hit_tokens: int
 
 
+# Allocates the KV pool tensor: (model shape, num_blocks, block_size, dtype, device) -> tensor of
+# KVPool's shape. The default is torch.zeros; a KV transfer module may want memory of its own.
+PoolAllocator = Callable[[ModelShape, int, int, torch.dtype, str], torch.Tensor]
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None) -> None:
         torch.set_num_threads(config.num_threads)
         self.config = config
         self.model = PagedCausalLM(config, str(resolve_model_dir(config.model_dir)))
@@ -57,7 +51,7 @@ class LLMEngine:
         )
         if num_blocks < 1:
             raise CapacityError("kv_cache_memory_bytes is too small for a single KV block")
-        self.pool = KVPool(shape, num_blocks, config.block_size, config.kv_torch_dtype, config.device)
+        self.pool = KVPool(shape, num_blocks, config.block_size, config.kv_torch_dtype, config.device, allocate_pool)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._sequences: dict[str, Sequence] = {}
@@ -96,6 +90,7 @@ class LLMEngine:
             start_pull=start_pull,
         )
         seq.num_emitted = 1
+        seq.output_log_probs.append(0.0)  # the first token's, reported by the context instance
         self._admit(seq)
 
     def release_kv(self, request_id: str) -> None:

@@ -10,17 +10,24 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
-from python_backend_utils.engine import LLMEngine, RequestOutput
+from python_backend_utils.engine import LLMEngine
+from python_backend_utils.messages import RequestOutput
 from python_backend_utils.errors import RequestAbortedError
 from python_backend_utils.sampling import SamplingParams
+from python_backend_utils.sequence import Role
 
 logger = logging.getLogger(__name__)
 
 # How long the loop sleeps when all it has are sequences waiting for KV to arrive.
 _KV_POLL_INTERVAL_S = 0.001
+# is_cancelled() is a round trip to the Triton server per request: ask at most this often.
+_CANCEL_POLL_INTERVAL_S = 0.02
+# How often `on_tick` (metrics publishing) runs, busy or idle.
+_TICK_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -31,12 +38,15 @@ class _Subscriber:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_tick: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self._on_tick = on_tick
+        self._next_tick = 0.0
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._subscribers: dict[str, _Subscriber] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = False
+        self._next_cancel_poll = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -54,39 +64,59 @@ class EngineLoop:
         on_output: Callable[[RequestOutput], None],
         is_cancelled: Callable[[], bool] = lambda: False,
         on_error: Callable[[Exception], None] | None = None,
+        role: Role = Role.BOTH,
     ) -> None:
-        """Queue an aggregated request. Invalid requests raise here, in the caller's thread."""
+        """Queue a request prefilled here (aggregated or context-only). Invalid requests raise here, in the caller's thread."""
         params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
-        self.call_soon(
-            lambda: self._admit(request_id, on_output, is_cancelled, on_error, self.engine.add_request,
-                                request_id, prompt_ids, params)
-        )
+        subscriber = _Subscriber(on_output, is_cancelled, on_error)
+        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_request(
+            request_id, prompt_ids, params, role)))
+
+    def submit_generation(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        start_pull: Callable[[list[int]], Callable[[], bool]],
+        on_output: Callable[[RequestOutput], None],
+        is_cancelled: Callable[[], bool] = lambda: False,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """Queue a generation-only request (see LLMEngine.add_generation_request)."""
+        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        subscriber = _Subscriber(on_output, is_cancelled, on_error)
+        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_generation_request(
+            request_id, prompt_ids, first_token, params, start_pull)))
+
+    def stop_request(self, request_id: str, reason: str) -> None:
+        """Abort a request from any thread; its subscriber gets RequestAbortedError(reason)."""
+        self.call_soon(lambda: self._abort(request_id, reason))
 
     def call_soon(self, command: Callable[[], None]) -> None:
         """Run `command` on the loop thread before the next step (the only safe way to touch the engine)."""
         self._commands.put(command)
 
-    def subscribe(
-        self,
-        request_id: str,
-        on_output: Callable[[RequestOutput], None],
-        is_cancelled: Callable[[], bool] = lambda: False,
-        on_error: Callable[[Exception], None] | None = None,
-    ) -> None:
-        """Route a request's outputs to callbacks (loop thread only; `submit` does it for you)."""
-        self._subscribers[request_id] = _Subscriber(on_output, is_cancelled, on_error)
-
-    def _admit(self, request_id, on_output, is_cancelled, on_error, add, *args) -> None:
+    def _admit(self, request_id: str, subscriber: _Subscriber, add: Callable[[], None]) -> None:
         try:
-            add(*args)
+            add()
         except Exception as error:  # noqa: BLE001 - the request fails, the loop goes on
-            self._fail(_Subscriber(on_output, is_cancelled, on_error), error)
+            self._fail(subscriber, error)
             return
-        self.subscribe(request_id, on_output, is_cancelled, on_error)
+        self._subscribers[request_id] = subscriber
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        self.engine.abort(request_id)
+        subscriber = self._subscribers.pop(request_id, None)
+        if subscriber is not None:
+            # The final flag still has to go out, or Triton waits on the request at unload.
+            self._fail(subscriber, RequestAbortedError(reason))
 
     def _run(self) -> None:
         while not self._stopping:
-            self._drain_commands(block=not self.engine.has_unfinished())
+            self._tick()
+            idle = not self.engine.has_unfinished()
+            self._drain_commands(block=idle, timeout=_TICK_INTERVAL_S if idle and self._on_tick else None)
             self._drop_cancelled()
             if not self.engine.has_unfinished():
                 continue
@@ -104,6 +134,16 @@ class EngineLoop:
             if self.engine.last_step_num_tokens == 0:
                 self._drain_commands(block=True, timeout=_KV_POLL_INTERVAL_S)
 
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self._on_tick is None or now < self._next_tick:
+            return
+        self._next_tick = now + _TICK_INTERVAL_S
+        try:
+            self._on_tick()
+        except Exception:  # noqa: BLE001 - metrics must never stop serving
+            logger.exception("on_tick failed")
+
     def _deliver(self, output: RequestOutput) -> None:
         subscriber = self._subscribers.get(output.request_id)
         if subscriber is None:
@@ -118,12 +158,13 @@ class EngineLoop:
             self._subscribers.pop(output.request_id, None)
 
     def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        if now < self._next_cancel_poll:
+            return
+        self._next_cancel_poll = now + _CANCEL_POLL_INTERVAL_S
         for request_id, subscriber in list(self._subscribers.items()):
             if subscriber.is_cancelled():
-                self.engine.abort(request_id)
-                del self._subscribers[request_id]
-                # The final flag still has to go out, or Triton waits on the request at unload.
-                self._fail(subscriber, RequestAbortedError(f"request {request_id} was cancelled by the client"))
+                self._abort(request_id, f"request {request_id} was cancelled by the client")
 
     def _drain_commands(self, block: bool, timeout: float | None = None) -> None:
         try:

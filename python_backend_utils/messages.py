@@ -1,4 +1,4 @@
-"""Messages between the orchestrator and the context/generation models.
+"""Messages between the engine, the orchestrator and the context/generation models (no torch here).
 
 `context_phase_params` crosses Triton as a UINT8 tensor and may come from outside, so its
 decoder checks every length and value and fails with one specific exception.
@@ -55,3 +55,15 @@ class ContextPhaseParams:
         if num_prompt_tokens == 0:
             raise MalformedContextParamsError("context_phase_params describes an empty prompt")
         return cls(name, first_token, num_prompt_tokens, bytes(body[name_len:]))
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # produced since the last output for this request
+    log_probs: list[float]  # same length, filled when the request asked for them
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" | "abort" | None (context-only: KV held for a pull)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    kv_block_ids: list[int] | None = None  # context-only: the blocks holding the prompt's KV

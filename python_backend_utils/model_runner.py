@@ -63,12 +63,19 @@ class KVPool:
     which is what a KV transfer moves. For compute the pool is read as rows of kv_heads*head_dim.
     """
 
-    def __init__(self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: str, allocate=None
+    ) -> None:
         self.block_size = block_size
         self.num_layers = shape.num_layers
-        self.tensor = torch.zeros(
-            num_blocks, shape.num_layers, 2, block_size, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device
-        )
+        dims = (num_blocks, shape.num_layers, 2, block_size, shape.num_kv_heads, shape.head_dim)
+        if allocate is None:
+            self.tensor = torch.zeros(dims, dtype=dtype, device=device)
+        else:
+            self.tensor = allocate(shape, num_blocks, block_size, dtype, device)
+            if tuple(self.tensor.shape) != dims or self.tensor.dtype != dtype or not self.tensor.is_contiguous():
+                raise ValueError(f"the pool allocator returned {tuple(self.tensor.shape)} {self.tensor.dtype}, "
+                                 f"expected contiguous {dims} {dtype}")
         self.rows = self.tensor.view(-1, shape.num_kv_heads * shape.head_dim)
         self.rows_per_block = shape.num_layers * 2 * block_size
 

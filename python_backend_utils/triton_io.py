@@ -19,7 +19,7 @@ from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.sampling import SamplingParams
 
 if TYPE_CHECKING:  # the engine module loads the model code; pre/postprocessing need none of it
-    from python_backend_utils.engine import RequestOutput
+    from python_backend_utils.messages import RequestOutput
 
 
 class TritonTensor(Protocol):

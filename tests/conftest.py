@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from launcher import TritonServer
+from launcher.cli import MODES
 
 
 def free_port() -> int:
@@ -18,13 +19,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """tritonserver on free ports serving `ensemble` (and its steps) and `ensemble_unary`."""
+    """tritonserver on free ports serving both paths: `ensemble` (disaggregated), `ensemble_unary`
+    and `ensemble_aggregated`, with every model they reach."""
     log_file = tmp_path_factory.mktemp("tritonserver") / "server.log"
     server = TritonServer(
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        models=["ensemble", "ensemble_unary"],
+        models=MODES["both"],
         log_file=log_file,
     )
     try:

@@ -169,8 +169,12 @@ def test_context_then_generation_equals_aggregated(tiny_dir, tiny_reference):
         _copy_blocks(context, handoff.kv_block_ids, generation, block_ids)
         return lambda: True
 
-    generation.add_generation_request("req", prompt, handoff.token_ids[0], greedy(9), start_pull)
-    rest = tokens_of(run_to_completion(generation)["req"])
+    with_log_probs = dataclasses.replace(greedy(9), return_log_probs=True)
+    generation.add_generation_request("req", prompt, handoff.token_ids[0], with_log_probs, start_pull)
+    outputs = run_to_completion(generation)["req"]
+    rest = tokens_of(outputs)
+    assert [len(o.log_probs) for o in outputs] == [len(o.token_ids) for o in outputs]
+    assert all(lp < 0 for o in outputs for lp in o.log_probs)
     context.release_kv("req")
     assert handoff.token_ids + rest == reference_greedy(tiny_reference, prompt, 9)
     assert context.stats().num_free_blocks == context.stats().num_blocks

@@ -120,7 +120,7 @@ def test_pypi_runtime_gets_a_backend_directory_with_the_stub_for_this_python(mon
 
 
 def test_banner_shows_the_urls_and_a_working_curl_line():
-    text = banner(TritonServer(http_port=9000, grpc_port=9001, metrics_port=9002))
+    text = banner(TritonServer(http_port=9000, grpc_port=9001, metrics_port=9002), "ensemble")
     assert "curl -s http://localhost:9000/v2/models/ensemble/generate -d " in text
     assert "--url localhost:9001 --stream" in text
     assert "http://localhost:9002/metrics" in text
@@ -157,6 +157,7 @@ def test_cli_serves_until_sigterm_then_stops_the_server(tmp_path):
             "-m",
             "launcher.cli",
             f"--model-repository={repository}",
+            "--load-model=echo",
             f"--http-port={http_port}",
             f"--grpc-port={free_port()}",
             f"--metrics-port={free_port()}",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from python_backend_utils.detokenize import PRECEDING_TOKENS, complete_text, decode_increment
-from python_backend_utils.engine import RequestOutput
+from python_backend_utils.messages import RequestOutput
 from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.sampling import SamplingParams
 from python_backend_utils.tokenizer import load_tokenizer

@@ -1,0 +1,7 @@
+"""Context instances of disaggregated serving (see python_backend_utils/llm_model.py)."""
+
+from python_backend_utils.llm_model import LLMModel
+
+
+class TritonPythonModel(LLMModel):
+    role = "context"

@@ -1,0 +1,7 @@
+"""Generation instances of disaggregated serving (see python_backend_utils/llm_model.py)."""
+
+from python_backend_utils.llm_model import LLMModel
+
+
+class TritonPythonModel(LLMModel):
+    role = "generation"

@@ -1,0 +1,98 @@
+"""Joins an engine's KV pool to kv_transfer: the only place that knows both.
+
+The engine sees a pool allocator, block ids and a readiness poll; kv_transfer sees a tensor, a
+layout and handles. Settings come from the model's config.pbtxt parameters (`kv_*`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kv_transfer import KVHandle, KVLayout, TransferAgent, TransferConfig, allocate_kv_pool
+from python_backend_utils.messages import ContextPhaseParams
+from python_backend_utils.model_runner import ModelShape
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def layout_for(shape: ModelShape, block_size: int, dtype: torch.dtype) -> KVLayout:
+    return KVLayout(
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        block_size=block_size,
+        dtype=_DTYPE_NAMES[dtype],
+    )
+
+
+def transfer_config(parameters: dict[str, str], name: str) -> TransferConfig:
+    """TransferConfig from `kv_<field>` parameters; empty values keep kv_transfer's defaults."""
+    defaults = TransferConfig(name=name)
+    values = {}
+    for field, default in vars(defaults).items():
+        raw = parameters.get(f"kv_{field}", "")
+        if raw == "" or field in ("name", "allowed_peers"):
+            continue
+        if isinstance(default, bool):
+            values[field] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[field] = type(default)(raw)
+    return TransferConfig(name=name, **values)
+
+
+class KVExchange:
+    def __init__(self, config: TransferConfig) -> None:
+        self.config = config
+        self.layout: KVLayout | None = None
+        self.agent: TransferAgent | None = None
+
+    def allocate_pool(self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
+        """The engine's pool allocator: memory kv_transfer can share with same-host peers."""
+        self.layout = layout_for(shape, block_size, dtype)
+        return allocate_kv_pool(self.layout, num_blocks, device)
+
+    def attach(self, pool: torch.Tensor) -> None:
+        self.agent = TransferAgent(pool, self.layout, self.config)
+
+    def publish(self, request_id: str, block_ids: list[int], num_tokens: int,
+                on_release: Callable[[str], None]) -> bytes:
+        handle = self.agent.publish(request_id, block_ids, num_tokens,
+                                    on_release=lambda released, _reason: on_release(released))
+        return handle.to_bytes()
+
+    def revoke(self, request_id: str) -> None:
+        self.agent.revoke(request_id)
+
+    def pull_starter(self, handoff: ContextPhaseParams) -> Callable[[list[int]], Callable[[], bool]]:
+        """For LLMEngine.add_generation_request: start the pull once blocks exist, then poll it."""
+        handle = KVHandle.from_bytes(handoff.kv_handle)
+        needed = self.layout.blocks_for(handoff.num_prompt_tokens)
+
+        def start(block_ids: list[int]) -> Callable[[], bool]:
+            try:
+                future = self.agent.pull(handle, block_ids[:needed])
+            except Exception as error:  # noqa: BLE001 - e.g. layouts that cannot convert: recompute here
+
+                def failed() -> bool:
+                    raise error
+
+                return failed
+
+            def ready() -> bool:
+                if not future.done():
+                    return False
+                future.result()  # raises the pull's error: the engine then recomputes the prompt
+                return True
+
+            return ready
+
+        return start
+
+    def metrics(self) -> dict:
+        return self.agent.metrics.snapshot()
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()

@@ -1,0 +1,65 @@
+"""Publishing our numbers through Triton's custom metrics API (served on the metrics port).
+
+Values are published as gauges set to their current value (totals included), so a snapshot
+taken anywhere (engine stats, kv_transfer counters, orchestrator counters) maps onto them directly.
+"""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+
+class GaugeSet:
+    """One gauge family per name, labelled with this model instance; `publish` sets them all."""
+
+    def __init__(self, prefix: str, descriptions: dict[str, str], labels: dict[str, str]) -> None:
+        self._gauges = {}
+        self._families = []  # a family must outlive its metrics, or setting them fails
+        for name, description in descriptions.items():
+            family = pb_utils.MetricFamily(name=f"{prefix}_{name}", description=description,
+                                           kind=pb_utils.MetricFamily.GAUGE)
+            self._families.append(family)
+            self._gauges[name] = family.Metric(labels=labels)
+
+    def publish(self, values: dict[str, float]) -> None:
+        for name, gauge in self._gauges.items():
+            if name in values:
+                gauge.set(float(values[name]))
+
+
+ENGINE_METRICS = {
+    "kv_blocks_total": "KV blocks in this instance's pool",
+    "kv_blocks_free": "KV blocks on the free list",
+    "kv_blocks_used": "KV blocks held by sequences (running, waiting for KV, or kept for a pull)",
+    "sequences_running": "sequences in the running batch",
+    "sequences_waiting": "sequences queued for blocks",
+    "sequences_awaiting_kv": "generation-only sequences whose KV is being pulled",
+    "sequences_kv_held": "context-only sequences whose KV waits for its pull",
+    "preemptions_total": "sequences preempted for lack of blocks (recomputed later)",
+    "kv_pull_fallbacks_total": "generation-only requests whose pull failed and were prefilled here",
+    "prefix_cache_hit_tokens_total": "prompt tokens whose KV was reused from the prefix cache",
+}
+
+TRANSFER_METRICS = {
+    "kv_bytes_received_total": "KV bytes pulled into this instance",
+    "kv_bytes_sent_total": "KV bytes served from this instance",
+    "kv_pulls_completed_total": "KV pulls completed",
+    "kv_pulls_failed_total": "KV pulls that failed",
+    "kv_pulls_in_flight": "KV pulls in progress",
+    "kv_pulls_refused_total": "pull requests refused (wrong secret, unknown or expired handle)",
+    "kv_handles_expired_total": "published KV released unpulled at its time-to-live",
+    "kv_pinned_blocks": "KV blocks pinned for a pull",
+    "kv_pull_seconds_total": "time spent in completed pulls",
+}
+
+ORCHESTRATOR_METRICS = {
+    "requests_total": "requests received by the orchestrator",
+    "disaggregated_total": "requests served by a context and a generation instance",
+    "local_prefill_total": "short prompts sent straight to a generation instance",
+    "context_retries_total": "context calls retried on another context instance",
+    "context_fallbacks_total": "requests prefilled on the generation instance after context failures",
+    "cancelled_total": "requests cancelled by the client",
+    "context_phase_seconds_total": "time from request to first token, summed (divide by disaggregated_total)",
+    "generation_phase_seconds_total": "time from first to last token, summed",
+    "output_tokens_total": "tokens sent to clients",
+}

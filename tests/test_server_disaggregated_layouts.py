@@ -1,0 +1,120 @@
+"""Disaggregation across different layouts and instances, and through a context instance's death.
+
+A rendered copy of the repository: two context instances (versions 1 and 2, round robin) with
+16-token fp32 blocks, one generation instance with 8-token bf16 blocks, so every transfer
+converts block size and dtype. The aggregated baseline stores its KV in bf16 too: the values a
+generation instance decodes from are then the same either way, and so are the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from launcher import TritonServer
+from launcher.server import DEFAULT_MODEL_REPOSITORY
+from tests.test_server_disaggregated import PROMPTS, metric_values, wait_for_idle_kv
+from tests.test_server_generate import post_json
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    text, count = re.subn(
+        rf'parameters {{ key: "{key}", value: {{ string_value: "[^"]*" }} }}',
+        f'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}',
+        config.read_text(),
+    )
+    assert count == 1, f"{key} not in {config}"
+    config.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def layout_server(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("layouts") / "model_repository"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repository / "context" / "1", repository / "context" / "2")
+    (repository / "disaggregated_serving_bls" / "disagg_config.yaml").write_text(
+        "context_servers:\n  num_instances: 2\n  router:\n    type: round_robin\n"
+        "generation_servers:\n  num_instances: 1\n"
+        "context_timeout_s: 20\n"
+    )
+    set_parameter(repository / "generation" / "config.pbtxt", "block_size", "8")
+    set_parameter(repository / "generation" / "config.pbtxt", "kv_cache_dtype", "bfloat16")
+    set_parameter(repository / "aggregated" / "config.pbtxt", "kv_cache_dtype", "bfloat16")
+    for model in ("context", "generation", "aggregated"):
+        set_parameter(repository / model / "config.pbtxt", "kv_cache_memory_bytes", str(256 << 20))
+    server = TritonServer(
+        repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        models=["ensemble", "context", "generation", "ensemble_aggregated"],
+        log_file=repository.parent / "server.log",
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def generate(server, model: str, prompt: str, max_tokens: int = 10) -> str:
+    body = {"text_input": prompt, "max_tokens": max_tokens, "exclude_input_in_output": True}
+    return json.loads(post_json(f"http://{server.urls.http}/v2/models/{model}/generate", body))["text_output"]
+
+
+@pytest.fixture(scope="module")
+def baseline(layout_server) -> dict[str, str]:
+    return {prompt: generate(layout_server, "ensemble_aggregated", prompt) for prompt in PROMPTS}
+
+
+def test_block_size_and_dtype_conversion_keeps_the_tokens(layout_server, baseline):
+    for prompt in PROMPTS:
+        assert generate(layout_server, "ensemble", prompt) == baseline[prompt], prompt
+    decisions = metric_values(layout_server, "disagg_router_decisions_total")
+    assert all(decisions[k] >= 2 for k in decisions if "context/" in k), decisions  # round robin used both
+
+
+def context_stub_pids(server, version: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in cmdline and f"{server.model_repository}/context/{version}/model.py" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_killing_a_context_instance_loses_no_request(layout_server, baseline):
+    [victim] = context_stub_pids(layout_server, 1)
+    prompts = PROMPTS * 2
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(generate, layout_server, "ensemble", p) for p in prompts]
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        answers = [f.result(timeout=300) for f in futures]
+    assert answers == [baseline[p] for p in prompts]
+    # The service is whole again: a new round of requests is served correctly.
+    assert [generate(layout_server, "ensemble", p) for p in PROMPTS[:2]] == [baseline[p] for p in PROMPTS[:2]]
+    used = wait_for_idle_kv(layout_server, timeout_s=40)
+    assert all(v == 0 for v in used.values()), used
