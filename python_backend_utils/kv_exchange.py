@@ -6,11 +6,12 @@ layout and handles. Settings come from the model's config.pbtxt parameters (`kv_
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
 
-from kv_transfer import KVHandle, KVLayout, TransferAgent, TransferConfig, allocate_kv_pool
+from kv_transfer import KVHandle, KVLayout, TransferAgent, TransferConfig, TransferTimeoutError, allocate_kv_pool
 from python_backend_utils.messages import ContextPhaseParams
 from python_backend_utils.model_runner import ModelShape
 
@@ -71,6 +72,7 @@ class KVExchange:
         needed = self.layout.blocks_for(handoff.num_prompt_tokens)
 
         def start(block_ids: list[int]) -> Callable[[], bool]:
+            deadline = time.monotonic() + self.config.response_timeout_s + self.config.transfer_timeout_s
             try:
                 future = self.agent.pull(handle, block_ids[:needed])
             except Exception as error:  # noqa: BLE001 - e.g. layouts that cannot convert: recompute here
@@ -82,6 +84,8 @@ class KVExchange:
 
             def ready() -> bool:
                 if not future.done():
+                    if time.monotonic() > deadline:  # never wait on a peer forever: recompute here
+                        raise TransferTimeoutError(f"KV pull from {handle.agent_name} is overdue")
                     return False
                 future.result()  # raises the pull's error: the engine then recomputes the prompt
                 return True

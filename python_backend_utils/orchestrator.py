@@ -34,6 +34,7 @@ WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
 # request in flight waits for its next response on one of these threads, off the event loop.
 MAX_REQUESTS_IN_FLIGHT = 256
 _END = object()
+STOP_TIMEOUT_S = 5.0
 
 
 class ResponseStream:
@@ -194,7 +195,7 @@ class Orchestrator:
         self.generation_router.started(target, load)
         worker_id = f"{request_id}-gen"
         try:
-            responses = await self._exec(target, worker_id, inputs)
+            responses = await self._exec(target, worker_id, inputs, self.deployment.context_timeout_s)
             while True:
                 if request.is_cancelled():
                     self.stats.cancelled += 1
@@ -217,7 +218,7 @@ class Orchestrator:
         finally:
             self.generation_router.finished(target, load)
 
-    async def _exec(self, target: Target, worker_id: str, inputs) -> ResponseStream:
+    async def _exec(self, target: Target, worker_id: str, inputs, timeout: float) -> ResponseStream:
         inner = pb_utils.InferenceRequest(
             model_name=target.model_name,
             model_version=target.version,
@@ -226,10 +227,11 @@ class Orchestrator:
                                                      == self.deployment.context_servers.model_name else []),
             request_id=worker_id,
         )
-        return ResponseStream(await inner.async_exec(decoupled=True), self._executor)
+        # Submitting can itself hang on an instance whose stub died: bound it like every wait.
+        return ResponseStream(await asyncio.wait_for(inner.async_exec(decoupled=True), timeout), self._executor)
 
     async def _collect(self, target: Target, worker_id: str, inputs, timeout: float) -> list:
-        stream, responses = await self._exec(target, worker_id, inputs), []
+        stream, responses = await self._exec(target, worker_id, inputs, timeout), []
         while (response := await stream.next(timeout)) is not None:
             self._raise_if_error(response, target)
             responses.append(response)
@@ -254,6 +256,7 @@ class Orchestrator:
             request_id=worker_id,
         )
         try:
-            await ResponseStream(await stop.async_exec(decoupled=True), self._executor).next(5.0)
+            submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
+            await ResponseStream(submitted, self._executor).next(STOP_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a dead instance has nothing left to stop
             logger.info("could not stop %s on %s", worker_id, target)

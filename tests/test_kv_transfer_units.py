@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kv_transfer import KVHandle, KVLayout, LayoutMismatchError, MalformedMessageError, allocate_kv_pool
-from kv_transfer.conversion import Route, gather, scatter, source_bytes
+from kv_transfer.conversion import Route, copy_selection, gather, scatter, source_bytes
 from kv_transfer.liveness import ProcessIdentity
 from kv_transfer.metrics import Histogram, TransferMetrics
 from kv_transfer.staging import StagingArena
@@ -165,6 +165,25 @@ def test_gather_then_scatter_matches_plain_torch(sender, receiver):
     l0, l1 = route.dst_layers
     h0, h1 = route.dst_heads
     assert torch.equal(got[l0:l1, :, :, h0:h1], want[l0:l1, :, :, h0:h1])
+
+
+@pytest.mark.parametrize("sender,receiver", [
+    (MODEL, MODEL),  # byte for byte: one memcpy per run
+    (MODEL, dataclasses.replace(MODEL, block_size=8, dtype="bfloat16")),
+    (MODEL, MODEL.shard(tp_size=2, tp_rank=0, layers=(1, 3))),
+])
+def test_copy_from_a_mapped_pool_matches_plain_torch(sender, receiver):
+    tokens = 13
+    src_pool = allocate_kv_pool(sender, 8)
+    fill_pool(src_pool, 4)
+    mapped = map_shared_pool(os.getpid(), shared_pool_of(src_pool)).view(torch.float32).view(src_pool.shape)
+    dst_pool = allocate_kv_pool(receiver, 8)
+    src_ids = [6, 7, 2, 3]
+    dst_ids = [1, 2, 5, 6][:receiver.blocks_for(tokens)]
+    route = Route.between(sender, receiver)
+    copy_selection(route, mapped, src_ids, dst_pool, dst_ids, tokens)
+    want = expected_for(receiver, [(sender, token_view(src_pool, sender, src_ids, tokens))])
+    assert torch.equal(token_view(dst_pool, receiver, dst_ids, tokens), want)
 
 
 def test_staging_arena_first_fit_and_merge():

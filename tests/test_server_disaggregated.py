@@ -100,6 +100,7 @@ def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
         used = metric_values(server, "disagg_kv_blocks_used")
         if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
             return used
+        time.sleep(0.2)
 
 
 def test_metrics_show_transfers_and_every_block_returns(triton_server):
