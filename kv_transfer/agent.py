@@ -9,8 +9,12 @@ remote keys or RMA get, so a pull is a request and a response):
    REFUSED on the pull's response tag (the same answer for every kind of refusal).
 3. Data, on one host (the sender's pool is shared memory, see `allocate_kv_pool`): the receiver
    maps the sender's pool read-only once and copies its selection straight into its own pool,
-   converting as it copies; then it sends `PullDone`, which releases the sender's pin. A one-sided
-   read with a single copy and no staging.
+   converting as it copies, on its copier thread; then it sends `PullDone`, which releases the
+   sender's pin. A one-sided read with a single copy and no staging. The copy starts with the
+   request, not after the answer (the round trip is ~3 ms here, a 64 MB copy ~12 ms), and counts
+   only if the answer is ACCEPTED. That is safe: a request stays pinned from publish to release
+   and is never pinned again, so an acceptance proves the blocks were pinned for the whole copy;
+   a pull that fails has its destination zeroed, so a refusal still reveals nothing.
    Data otherwise (across hosts, or a pool on a GPU): the sender sends message k on
    ``data_tag(pull_id, k)`` from its pool, or gathered into its staging buffer; the receiver posts
    receives ahead, into its pool or into staging and then converts. A send completes once the
@@ -24,7 +28,9 @@ an error, never an abort) and the same-host data path is our own mapping of the 
 a dead peer cannot break. Liveness checks (/proc) and timeouts bound every wait on top of that.
 
 Threads: ucxx's progress thread (C++) moves messages; one Python service thread per agent runs the
-protocol, the copies and the release callbacks. Public methods may be called from any thread.
+protocol, the staging copies and the release callbacks; a copier thread does same-host reads, in
+copies as large as possible, without holding up the service thread. Public methods may be called
+from any thread.
 """
 
 from __future__ import annotations
@@ -70,8 +76,7 @@ log = logging.getLogger(__name__)
 
 # Messages of one transfer in flight at once: enough to keep the progress thread busy between polls.
 _MESSAGES_IN_FLIGHT = 16
-# Messages (and shared-memory copy steps) are at most 1/_PIPELINE_DEPTH of the staging buffer,
-# so that staged transfers pipeline and one step never holds the service thread for long.
+# Messages are at most 1/_PIPELINE_DEPTH of the staging buffer, so that staged transfers pipeline.
 _PIPELINE_DEPTH = 4
 # Poll fast for this long after any activity: a pull request right after a publish is answered at once.
 _BUSY_LINGER_S = 0.05
@@ -180,6 +185,7 @@ class _SubPull:
     handle: KVHandle
     route: Route
     shared_pool: torch.Tensor | None = None  # the sender's pool, mapped, when read directly
+    copy: concurrent.futures.Future | None = None  # the read of it, on the copier thread
     boundaries: list[int] = field(default_factory=list)
     in_place: bool = False
     pull_id: int = 0
@@ -231,8 +237,10 @@ class TransferAgent:
 
         # USE_MT_MUTEX: a thread calling into UCX while the progress thread holds the worker sleeps
         # instead of spinning (on 2 cores, spinning took a core from the transfer).
+        # TCP segments of 1 MiB instead of 8 KiB: 0.43 -> 1.4 GB/s for large messages here.
         self._context = ucx_api.UCXContext(
-            config_dict={"NET_DEVICES": self.config.bind_interface, "USE_MT_MUTEX": "y"},
+            config_dict={"NET_DEVICES": self.config.bind_interface, "USE_MT_MUTEX": "y",
+                         "TCP_TX_SEG_SIZE": "1m", "TCP_RX_SEG_SIZE": "1m"},
             feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
         self._worker = ucx_api.UCXWorker(self._context)
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
@@ -263,6 +271,7 @@ class TransferAgent:
         self._busy_until = 0.0
         self._next_liveness = 0.0
 
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kv-copy[{self.config.name}]")
         self._thread = threading.Thread(target=self._run, name=f"kv-transfer[{self.config.name}]", daemon=True)
         self._thread.start()
         _live_agents.add(self)
@@ -430,6 +439,7 @@ class TransferAgent:
         self._closing = True
         for serve in [*self._serve_queue, *self._serving, *self._readers.values()]:
             self._fail_serve(serve, "agent closed")
+        self._copier.shutdown(wait=True)  # no read may write into the pool after close
         for pull in list(self._pulls):
             for sub in pull.subs:
                 if sub.phase not in (_Phase.DONE, _Phase.FAILED):
@@ -512,8 +522,10 @@ class TransferAgent:
                 self._fail_serve(serve, "receiver process is gone", peer_dead=True)
         for pull in self._pulls:
             for sub in pull.subs:
-                if sub.shared_pool is not None or sub.handle.agent_process.is_alive() is not False:
-                    continue  # a mapped pool outlives its process: a reader finishes regardless
+                if sub.handle.agent_process.is_alive() is not False:
+                    continue
+                if sub.shared_pool is not None and sub.phase is _Phase.RECEIVING:
+                    continue  # accepted: the mapped pool outlives its process, the read finishes regardless
                 if sub.phase is _Phase.REQUESTED:
                     self._fail_sub(sub, PeerUnreachableError(f"sender {sub.handle.agent_name} is gone"))
                 elif sub.phase is _Phase.RECEIVING:
@@ -762,10 +774,7 @@ class TransferAgent:
             sub.endpoint = self._endpoint(handle.agent_address)
             if self._reads_shared(handle):
                 sub.shared_pool = self._map_pool(handle)
-            if sub.shared_pool is not None:
-                step = max(1, self.max_message_bytes // sub.route.block_bytes)
-                sub.boundaries = [*range(0, len(handle.block_ids), step), len(handle.block_ids)]
-            else:
+            if sub.shared_pool is None:
                 sub.in_place = self.config.zero_copy and self._host_pool and sub.route.lands_in_place()
                 sub.boundaries = sub.route.plan(handle.block_ids, pull.dest_block_ids,
                                                 self._message_limit(handle), sub.in_place)
@@ -790,6 +799,9 @@ class TransferAgent:
         sub.response = _Message(response, buffer, MAX_RESPONSE_BYTES)
         if not self._send_control(handle.agent_address, request.to_bytes(), CONTROL_TAG, sub.deadline):
             self._fail_sub(sub, PeerUnreachableError(f"cannot reach {handle.agent_name}"))
+        elif sub.shared_pool is not None:  # read while the sender checks the request (see the module doc)
+            sub.copy = self._copier.submit(copy_selection, sub.route, sub.shared_pool, handle.block_ids,
+                                           self._pool, pull.dest_block_ids, pull.num_tokens)
 
     def _map_pool(self, handle: KVHandle) -> torch.Tensor | None:
         """The sender's pool mapped read-only (once per sender pool), or None if it cannot be mapped."""
@@ -815,8 +827,11 @@ class TransferAgent:
                 self._start_sub(sub, pull)
             if sub.phase is _Phase.REQUESTED:
                 worked |= self._await_response(sub, now)
-            if sub.phase is _Phase.RECEIVING and sub.shared_pool is not None:
-                worked |= self._read_shared(sub, pull, now)
+            if sub.shared_pool is not None:
+                if sub.phase is _Phase.RECEIVING:
+                    worked |= self._read_shared(sub, now)
+                elif sub.phase is _Phase.DRAINING and sub.copy.done():
+                    sub.phase = _Phase.FAILED
             elif sub.phase in (_Phase.RECEIVING, _Phase.DRAINING):
                 worked |= self._receive(sub, pull, now)
         if any(s.phase is _Phase.FAILED for s in pull.subs):
@@ -855,22 +870,21 @@ class TransferAgent:
             return True
         return False
 
-    def _read_shared(self, sub: _SubPull, pull: _Pull, now: float) -> bool:
-        """Copy one step's worth of blocks out of the mapped sender pool; finish with PullDone."""
-        if now - sub.accepted_at > self.config.transfer_timeout_s:  # the sender has stopped waiting
+    def _read_shared(self, sub: _SubPull, now: float) -> bool:
+        """Once the copier has read the mapped sender pool, tell the sender it may release the blocks."""
+        if not sub.copy.done():
+            return False
+        if sub.copy.exception() is not None:
+            self._fail_sub(sub, KVTransferError(f"reading the pool of {sub.handle.agent_name} failed: "
+                                                f"{sub.copy.exception()!r}"))
+        elif now - sub.accepted_at > self.config.transfer_timeout_s:  # the sender may have stopped waiting
             self._fail_sub(sub, TransferTimeoutError(
                 f"reading from {sub.handle.agent_name} took over {self.config.transfer_timeout_s:g} s"))
-            return True
-        k = sub.next_message
-        first, last = sub.boundaries[k], sub.boundaries[k + 1]
-        copy_selection(sub.route, sub.shared_pool, sub.handle.block_ids[first:last], first, self._pool,
-                       pull.dest_block_ids, pull.num_tokens)
-        nbytes = (last - first) * sub.route.block_bytes
-        sub.bytes_received += nbytes
-        self.metrics.add("bytes_received", nbytes)
-        self.metrics.add("bytes_read_shared", nbytes)
-        sub.next_message += 1
-        if sub.next_message == len(sub.boundaries) - 1:
+        else:
+            nbytes = len(sub.handle.block_ids) * sub.route.block_bytes
+            sub.bytes_received = nbytes
+            self.metrics.add("bytes_received", nbytes)
+            self.metrics.add("bytes_read_shared", nbytes)
             # if the sender is gone there is nobody left to release the blocks: the data is still good
             done = PullDone(sub.pull_id, self.address, sub.handle.secret).to_bytes()
             self._send_control(sub.handle.agent_address, done, CONTROL_TAG, now + self.config.response_timeout_s)
@@ -969,11 +983,12 @@ class TransferAgent:
         return PeerLostError(f"receiving from {name} failed: {error}")
 
     def _fail_sub(self, sub: _SubPull, error: KVTransferError) -> None:
-        """Fail one sender's part of a pull; the pull ends once its receives can no longer write.
+        """Fail one sender's part of a pull; the pull ends once nothing can write its destination.
 
         Receives already posted would write into the destination whenever the data came: closing
         the endpoint cancels those not yet matched (a concurrent pull from the same sender fails
-        with them: the peer is broken or too slow), and the ones under way are waited for.
+        with them: the peer is broken or too slow); receives and a shared-memory copy under way
+        are waited for.
         """
         if sub.phase in (_Phase.DONE, _Phase.FAILED, _Phase.DRAINING):
             return
@@ -983,7 +998,8 @@ class TransferAgent:
             self._drop_endpoint(sub.handle.agent_address)
         if awaiting_response:  # its buffer is private: cancelled or not, it cannot hurt the pool
             self._abandoned.append((sub.response, None))
-        sub.phase = _Phase.DRAINING if sub.in_flight else _Phase.FAILED
+        copying = sub.copy is not None and not sub.copy.done()
+        sub.phase = _Phase.DRAINING if sub.in_flight or copying else _Phase.FAILED
         sub.progress_at = time.monotonic()
 
     def _finish_pull(self, pull: _Pull) -> None:
@@ -992,6 +1008,8 @@ class TransferAgent:
         self.metrics.add("pulls_in_flight", -1)
         errors = [s.error for s in pull.subs if s.error is not None]
         if errors or not all(s.phase is _Phase.DONE for s in pull.subs):
+            if any(s.copy is not None for s in pull.subs):  # a read ahead of a refusal leaves nothing behind
+                self._pool[torch.tensor(pull.dest_block_ids)] = 0
             self.metrics.add("pulls_failed")
             pull.future.set_exception(errors[0] if errors else AgentClosedError("pull abandoned"))
             return

@@ -158,19 +158,24 @@ def scatter(route: Route, selection: torch.Tensor, first_block: int, pool: torch
             t += n
 
 
-def copy_selection(route: Route, src_pool: torch.Tensor, src_ids: Sequence[int], first_block: int,
-                   dst_pool: torch.Tensor, dst_ids: Sequence[int], num_tokens: int) -> None:
-    """Copy request blocks from `first_block` on straight out of a sender pool (mapped shared memory).
+def copy_selection(route: Route, src_pool: torch.Tensor, src_ids: Sequence[int], dst_pool: torch.Tensor,
+                   dst_ids: Sequence[int], num_tokens: int) -> None:
+    """Copy a request's selection straight out of a sender pool (mapped shared memory).
 
-    One copy per run of blocks when a selection block is byte for byte a receiver block, else
-    placed token by token (`scatter`): either way the only copy, no staging.
+    When a selection block is byte for byte a receiver block, each run is one memcpy, as large as
+    the run: glibc switches to non-temporal stores for large copies (measured here: 4.7 GB/s for
+    copies of up to 128 MiB, 8.8 GB/s from 256 MiB; torch's copy_ does not). Otherwise the blocks
+    are placed token by token (`scatter`), converting. Either way the only copy, no staging.
     """
     (l0, l1), (h0, h1) = route.src_layers, route.src_heads
     in_place = route.lands_in_place()
     for pos, block, length in _runs(src_ids):
         selection = src_pool[block:block + length, l0:l1, :, :, h0:h1]
-        i = first_block + pos
-        if in_place and is_run(dst_ids[i:i + length]):
-            dst_pool[dst_ids[i]:dst_ids[i] + length].copy_(selection)
+        if in_place and is_run(dst_ids[pos:pos + length]):
+            target = dst_pool[dst_ids[pos]:dst_ids[pos] + length]
+            if selection.is_contiguous() and target.device.type == "cpu":
+                np.copyto(target.view(torch.uint8).numpy(), selection.view(torch.uint8).numpy())
+            else:
+                target.copy_(selection)
         else:
-            scatter(route, selection, i, dst_pool, dst_ids, num_tokens)
+            scatter(route, selection, pos, dst_pool, dst_ids, num_tokens)
