@@ -8,12 +8,10 @@ generation instance decodes from are then the same either way, and so are the to
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,16 +20,10 @@ import pytest
 
 from launcher import TritonServer
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.test_server_disaggregated import PROMPTS, metric_values, wait_for_idle_kv
-from tests.test_server_generate import post_json
+from tests.conftest import free_port
+from tests.test_server_disaggregated import PROMPTS, generate, metric_values, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
@@ -72,11 +64,6 @@ def layout_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
-
-
-def generate(server, model: str, prompt: str, max_tokens: int = 10) -> str:
-    body = {"text_input": prompt, "max_tokens": max_tokens, "exclude_input_in_output": True}
-    return json.loads(post_json(f"http://{server.urls.http}/v2/models/{model}/generate", body))["text_output"]
 
 
 @pytest.fixture(scope="module")
