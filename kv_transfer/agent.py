@@ -600,11 +600,14 @@ class TransferAgent:
             if not block_bytes:
                 self.metrics.add("malformed_messages")
                 accepted = False
+        if not accepted:
+            self.metrics.add("pulls_refused")  # counted before the answer can reach anyone
         status = PullStatus.ACCEPTED if accepted else PullStatus.REFUSED
         answered = self._send_control(request.reply_address, PullResponse(request.pull_id, status).to_bytes(),
                                       response_tag(request.pull_id), now + self.config.response_timeout_s)
+        if accepted and not answered:
+            self.metrics.add("serves_failed")
         if not (accepted and answered):
-            self.metrics.add("pulls_refused")
             return
         published.serving += 1
         serve = _Serve(request, published, self._endpoint(request.reply_address), block_bytes,
@@ -613,6 +616,7 @@ class TransferAgent:
             self._readers[(request.reply_address, request.pull_id)] = serve
         else:
             self._serve_queue.append(serve)
+        self._count_serves()
 
     def _check_plan(self, published: _Published, request: PullRequest) -> int:
         """Bytes per block of the requested selection, or 0 if the request is inconsistent."""
@@ -648,9 +652,12 @@ class TransferAgent:
                 self._fail_serve(serve, f"not done within {self.config.transfer_timeout_s:g} s")
         for serve in list(self._serving):
             worked |= self._pump_serve(serve, now)
+        self._count_serves()
+        return worked
+
+    def _count_serves(self) -> None:
         self.metrics.set("serves_queued", len(self._serve_queue))
         self.metrics.set("serves_in_flight", len(self._serving) + len(self._readers))
-        return worked
 
     def _pump_serve(self, serve: _Serve, now: float) -> bool:
         worked = False
@@ -714,6 +721,7 @@ class TransferAgent:
         else:
             return False
         serve.published.serving -= 1
+        self._count_serves()
         return True
 
     def _complete_serve(self, serve: _Serve, now: float) -> None:
@@ -976,10 +984,10 @@ class TransferAgent:
         if isinstance(error, ucx_api.UCXMessageTruncatedError):
             self.metrics.add("malformed_messages")
             return MalformedMessageError(f"a message from {name} was longer than planned")
+        if before_data:  # no acceptance came: nothing says the blocks were ever pinned for us
+            return PeerUnreachableError(f"no answer from {name}: {error}")
         if isinstance(error, ucx_api.UCXCanceledError):
             return PeerLostError(f"the connection to {name} was reset after a transfer from it failed")
-        if before_data:
-            return PeerUnreachableError(f"no answer from {name}: {error}")
         return PeerLostError(f"receiving from {name} failed: {error}")
 
     def _fail_sub(self, sub: _SubPull, error: KVTransferError) -> None:
