@@ -75,10 +75,11 @@ class GenerateRequest:
         return body
 
 
-def grpc_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+def infer_inputs(arrays: dict[str, np.ndarray], protocol=grpcclient) -> list:
+    """tritonclient inputs holding `arrays`; pass `protocol=tritonclient.http` for HTTP ones."""
     inputs = []
     for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor = protocol.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -91,7 +92,7 @@ def generate_grpc(url: str, request: GenerateRequest, model: str = "ensemble", t
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     finished = False
     try:
-        client.async_stream_infer(model, grpc_inputs(request.arrays()), enable_empty_final_response=True)
+        client.async_stream_infer(model, infer_inputs(request.arrays()), enable_empty_final_response=True)
         while True:
             try:
                 result, error = responses.get(timeout=timeout_s)

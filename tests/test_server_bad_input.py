@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from client.generate import GenerateError, GenerateRequest, generate_grpc, grpc_inputs
+from client.generate import GenerateError, GenerateRequest, generate_grpc, infer_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ def error_of(url: str, arrays: dict[str, np.ndarray]) -> str:
     errors = []
     client.start_stream(callback=lambda result, error: errors.append(error))
     try:
-        client.async_stream_infer("ensemble", grpc_inputs(arrays))
+        client.async_stream_infer("ensemble", infer_inputs(arrays))
     finally:
         client.stop_stream()  # waits for the answer
         client.close()

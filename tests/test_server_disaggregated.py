@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from client.generate import GenerateRequest, grpc_inputs
+from client.generate import GenerateRequest, infer_inputs
 from tests.test_server_generate import post_json, stream_results
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_concurrent_mixed_requests_keep_their_tokens(triton_server, aggregated_a
 def test_streamed_disaggregated_text_is_the_aggregated_text_one_token_at_a_time(triton_server, aggregated_answers):
     prompt = PROMPTS[1]
     request = GenerateRequest(prompt, max_tokens=12, stream=True)
-    results = stream_results(triton_server.urls.grpc, "ensemble", grpc_inputs(request.arrays()))
+    results = stream_results(triton_server.urls.grpc, "ensemble", infer_inputs(request.arrays()))
     pieces = [r.as_numpy("text_output").reshape(-1)[0].decode() for r in results]
     assert "".join(pieces) == aggregated_answers[prompt]
     assert len(pieces) >= 10  # one response per token (a few may hold back a partial character)
@@ -71,8 +71,8 @@ def test_bad_input_through_the_orchestrator_is_the_clients_error(triton_server):
 def test_log_probs_match_between_paths(triton_server):
     request = GenerateRequest(PROMPTS[1], max_tokens=6, stream=False)
     arrays = {**request.arrays(), "return_log_probs": np.array([True])}
-    [disaggregated] = stream_results(triton_server.urls.grpc, "ensemble", grpc_inputs(arrays))
-    [aggregated] = stream_results(triton_server.urls.grpc, "ensemble_aggregated", grpc_inputs(arrays))
+    [disaggregated] = stream_results(triton_server.urls.grpc, "ensemble", infer_inputs(arrays))
+    [aggregated] = stream_results(triton_server.urls.grpc, "ensemble_aggregated", infer_inputs(arrays))
     np.testing.assert_allclose(
         disaggregated.as_numpy("output_log_probs"), aggregated.as_numpy("output_log_probs"), rtol=1e-4, atol=1e-5
     )

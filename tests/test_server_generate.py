@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import np_to_triton_dtype
 
-from client.generate import GenerateRequest, generate_grpc, generate_http, grpc_inputs
+from client.generate import GenerateRequest, generate_grpc, generate_http, infer_inputs
 from python_backend_utils.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -45,15 +44,6 @@ def stream_results(url: str, model: str, inputs: list[grpcclient.InferInput]) ->
         client.close()
 
 
-def http_inputs(arrays: dict[str, np.ndarray]) -> list[httpclient.InferInput]:
-    inputs = []
-    for name, array in arrays.items():
-        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 def post_json(url: str, body: dict) -> bytes:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -68,33 +58,33 @@ def test_greedy_answer_names_paris(triton_server):
 def test_http_infer(triton_server):
     client = httpclient.InferenceServerClient(triton_server.urls.http)
     arrays = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS, exclude_input_in_output=False).arrays()
-    result = client.infer("ensemble_unary", http_inputs(arrays))
+    result = client.infer("ensemble_unary", infer_inputs(arrays, protocol=httpclient))
     text = result.as_numpy("text_output")[0].decode()
     assert text.startswith(PROMPT) and "Paris" in text
 
 
 def test_grpc_infer(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.urls.grpc)
-    result = client.infer("ensemble_unary", grpc_inputs(GenerateRequest(PROMPT, max_tokens=MAX_TOKENS).arrays()))
+    result = client.infer("ensemble_unary", infer_inputs(GenerateRequest(PROMPT, max_tokens=MAX_TOKENS).arrays()))
     assert "Paris" in result.as_numpy("text_output")[0].decode()
 
 
 def test_unary_model_refuses_to_stream(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.urls.grpc)
     with pytest.raises(Exception, match="sends one response"):
-        client.infer("ensemble_unary", grpc_inputs(GenerateRequest(PROMPT, stream=True).arrays()))
+        client.infer("ensemble_unary", infer_inputs(GenerateRequest(PROMPT, stream=True).arrays()))
 
 
 def test_grpc_streaming_sends_one_response_per_token_and_the_same_text(triton_server):
     url = triton_server.urls.grpc
     streamed = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS, stream=True)
-    results = stream_results(url, "ensemble", grpc_inputs({**streamed.arrays(), "return_log_probs": np.array([True])}))
+    results = stream_results(url, "ensemble", infer_inputs({**streamed.arrays(), "return_log_probs": np.array([True])}))
     assert len(results) == MAX_TOKENS
     assert all(r.as_numpy("output_log_probs").shape == (1,) for r in results)
     streamed_text = "".join(r.as_numpy("text_output")[0].decode() for r in results)
 
     whole = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS)
-    [result] = stream_results(url, "ensemble", grpc_inputs({**whole.arrays(), "return_log_probs": np.array([True])}))
+    [result] = stream_results(url, "ensemble", infer_inputs({**whole.arrays(), "return_log_probs": np.array([True])}))
     assert result.as_numpy("text_output")[0].decode() == streamed_text
     log_probs = np.concatenate([r.as_numpy("output_log_probs") for r in results])
     np.testing.assert_allclose(result.as_numpy("output_log_probs"), log_probs, rtol=1e-5)
@@ -126,7 +116,7 @@ def test_cancelled_stream_leaves_the_server_serving(triton_server):
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     request = GenerateRequest("Once upon a time", max_tokens=48, stream=True)
-    client.async_stream_infer("ensemble", grpc_inputs(request.arrays()))
+    client.async_stream_infer("ensemble", infer_inputs(request.arrays()))
     for _ in range(3):
         result, error = responses.get(timeout=120)
         assert error is None
@@ -174,7 +164,7 @@ def test_cancelling_a_stream_on_the_middle_step_stops_its_generation(triton_serv
     client = grpcclient.InferenceServerClient(triton_server.urls.grpc)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer("aggregated", grpc_inputs(arrays))
+    client.async_stream_infer("aggregated", infer_inputs(arrays))
     for _ in range(3):
         result, error = responses.get(timeout=120)
         assert error is None
