@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
+from launcher.repository import RenderError, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
+from python_backend_utils.deployment import DeploymentError
 
 # What each mode loads. The orchestrator reaches context and generation through BLS, which
 # Triton does not count as a dependency, so they are named here.
@@ -21,6 +24,13 @@ MODES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument(
+        "--deployment",
+        type=Path,
+        metavar="FILE",
+        help="a disagg_config.yaml: serve a copy of the model repository with one version of "
+        "`context` / `generation` per instance it names, and this file as the orchestrator's deployment",
+    )
     parser.add_argument("--model-dir", help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="overrides the device in config.pbtxt")
     parser.add_argument(
@@ -63,8 +73,21 @@ def banner(server: TritonServer, ensemble: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
+        repository = args.model_repository
+        if args.deployment is not None:
+            repository = Path(workdir) / "model_repository"
+            try:
+                render_repository(args.model_repository, args.deployment, repository)
+            except (OSError, DeploymentError, RenderError) as error:
+                print(f"disagg-serve: {args.deployment}: {error}", file=sys.stderr)
+                return 2
+        return serve(args, repository)
+
+
+def serve(args: argparse.Namespace, repository: Path) -> int:
     server = TritonServer(
-        args.model_repository,
+        repository,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,

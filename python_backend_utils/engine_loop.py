@@ -152,10 +152,11 @@ class EngineLoop:
             del self._subscribers[output.request_id]
         try:
             subscriber.on_output(output)
-        except Exception:  # noqa: BLE001 - one bad callback must not stop the loop
+        except Exception as error:  # noqa: BLE001 - one bad callback must not stop the loop
             logger.exception("output callback for %s failed; aborting it", output.request_id)
             self.engine.abort(output.request_id)
             self._subscribers.pop(output.request_id, None)
+            self._fail(subscriber, error)  # the client hears of it instead of waiting for its timeout
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
