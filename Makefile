@@ -31,10 +31,15 @@ setup: $(DEPS) $(TRITONSERVER) $(DEFAULT_MODEL)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and pinned: a bare `torch` requirement would pull a CUDA build.
+# torch first and pinned: a bare `torch` requirement would pull a CUDA build. The second install
+# is held to that torch, so a dependency conflict fails here instead of quietly replacing it.
+# On a GPU machine, set TORCH_INDEX_URL to a CUDA 12 index (ucxx-cu12 needs cuda-python 12):
+#   make serve TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_INDEX_URL ?=
 $(DEPS): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	echo torch==2.13.0 > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -c $(VENV)/torch-constraint.txt -e '.[test]'
 	touch $@
 
 # The Triton server from PyPI, as a runtime only: its Python dependencies clash with ours.

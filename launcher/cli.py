@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher.repository import RenderError, render_repository
+from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 from python_backend_utils.deployment import DeploymentError
 
@@ -30,6 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="a disagg_config.yaml: serve a copy of the model repository with one version of "
         "`context` / `generation` per instance it names, and this file as the orchestrator's deployment",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODEL.KEY=VALUE",
+        dest="settings",
+        help="serve a copy of the model repository with this config.pbtxt parameter changed, or "
+        "MODEL.instance_count=N (repeatable), e.g. --set aggregated.cpu_cores='0;1'",
     )
     parser.add_argument("--model-dir", help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="overrides the device in config.pbtxt")
@@ -75,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository
-        if args.deployment is not None:
+        if args.deployment is not None or args.settings:
             repository = Path(workdir) / "model_repository"
             try:
-                render_repository(args.model_repository, args.deployment, repository)
+                settings = tuple(Setting.parse(text) for text in args.settings)
+                render_repository(args.model_repository, repository, args.deployment, settings)
             except (OSError, DeploymentError, RenderError) as error:
-                print(f"disagg-serve: {args.deployment}: {error}", file=sys.stderr)
+                print(f"disagg-serve: {error}", file=sys.stderr)
                 return 2
         return serve(args, repository)
 

@@ -25,6 +25,7 @@ from python_backend_utils.engine import LLMEngine
 from python_backend_utils.engine_loop import EngineLoop
 from python_backend_utils.errors import CapacityError, InvalidRequestError, RequestAbortedError
 from python_backend_utils.messages import ContextPhaseParams, MalformedContextParamsError, RequestOutput
+from python_backend_utils.placement import pin_instance
 from python_backend_utils.sequence import Role
 from python_backend_utils.triton_metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
 from python_backend_utils.triton_io import ResponseAssembler, generation_request, model_parameters, request_inputs
@@ -75,6 +76,7 @@ class LLMModel:
     role = "aggregated"
 
     def initialize(self, args) -> None:
+        pin_instance(args)  # first: the engine's threads start on their own cores
         parameters = model_parameters(args["model_config"])
         self.instance_name = f"{args['model_name']}/{args['model_version']}"
         config = EngineConfig.from_parameters(parameters)

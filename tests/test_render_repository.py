@@ -1,13 +1,14 @@
-"""`disagg-serve --deployment FILE`: the rendered repository has one version per instance."""
+"""`disagg-serve --deployment FILE --set MODEL.KEY=VALUE`: the repository a deployment is served from."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
 from launcher.cli import main
-from launcher.repository import DEPLOYMENT_FILE, RenderError, render_repository
+from launcher.repository import DEPLOYMENT_FILE, RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 
 
@@ -26,7 +27,7 @@ def test_instances_become_versions_and_the_deployment_is_linked(tmp_path):
     deployment_file = tmp_path / "deploy.yaml"
     write_deployment(deployment_file, contexts=3, generations=2)
     target = tmp_path / "repo"
-    deployment = render_repository(DEFAULT_MODEL_REPOSITORY, deployment_file, target)
+    deployment = render_repository(DEFAULT_MODEL_REPOSITORY, target, deployment_file)
     assert deployment.context_servers.num_instances == 3
     assert versions(target / "context") == ["1", "2", "3"]
     assert versions(target / "generation") == ["1", "2"]
@@ -38,18 +39,18 @@ def test_instances_become_versions_and_the_deployment_is_linked(tmp_path):
 
 def test_extra_versions_in_the_source_are_dropped(tmp_path):
     source = tmp_path / "source"
-    render_repository(DEFAULT_MODEL_REPOSITORY, _file(tmp_path / "three.yaml", 3, 1), source)
+    render_repository(DEFAULT_MODEL_REPOSITORY, source, _file(tmp_path / "three.yaml", 3, 1))
     target = tmp_path / "target"
-    render_repository(source, _file(tmp_path / "one.yaml", 1, 1), target)
+    render_repository(source, target, _file(tmp_path / "one.yaml", 1, 1))
     assert versions(target / "context") == ["1"]
 
 
 def test_a_repository_without_version_one_is_refused(tmp_path):
     source = tmp_path / "source"
-    render_repository(DEFAULT_MODEL_REPOSITORY, _file(tmp_path / "d.yaml", 1, 1), source)
+    render_repository(DEFAULT_MODEL_REPOSITORY, source, _file(tmp_path / "d.yaml", 1, 1))
     os.rename(source / "generation" / "1", source / "generation" / "7")
     with pytest.raises(RenderError, match="generation/1 is missing"):
-        render_repository(source, tmp_path / "d.yaml", tmp_path / "target")
+        render_repository(source, tmp_path / "target", tmp_path / "d.yaml")
 
 
 def test_cli_reports_a_bad_deployment_file_without_starting_a_server(tmp_path, capsys):
@@ -57,6 +58,37 @@ def test_cli_reports_a_bad_deployment_file_without_starting_a_server(tmp_path, c
     bad.write_text("context_servers:\n  num_instances: 1\n  router: {type: fastest}\n")
     assert main(["--deployment", str(bad)]) == 2
     assert "router.type='fastest'" in capsys.readouterr().err
+
+
+def test_settings_change_parameters_and_instance_counts(tmp_path):
+    target = tmp_path / "repo"
+    settings = tuple(map(Setting.parse, ["aggregated.cpu_cores=0;1", "aggregated.instance_count=2",
+                                         "context.kv_handle_ttl_s=3"]))
+    assert render_repository(DEFAULT_MODEL_REPOSITORY, target, settings=settings) is None
+    aggregated = (target / "aggregated" / "config.pbtxt").read_text()
+    assert 'key: "cpu_cores", value: { string_value: "0;1" }' in aggregated
+    assert "instance_group [ { count: 2," in aggregated
+    assert 'key: "kv_handle_ttl_s", value: { string_value: "3" }' in (target / "context" / "config.pbtxt").read_text()
+    assert (DEFAULT_MODEL_REPOSITORY / "aggregated" / "config.pbtxt").read_text() != aggregated
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("aggregated.cpu_core=0", "aggregated has no parameter 'cpu_core'; it has: model_dir"),
+        ("nonesuch.cpu_cores=0", "there is no model 'nonesuch'"),
+        ("aggregated.instance_count=0", "instance_count='0': give a positive integer"),
+        ('aggregated.model_dir=a"b', "quotes and backslashes are not allowed"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(tmp_path, text, message):
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render_repository(DEFAULT_MODEL_REPOSITORY, tmp_path / "repo", settings=(Setting.parse(text),))
+
+
+def test_a_setting_needs_a_model_a_key_and_a_value():
+    with pytest.raises(RenderError, match="write MODEL.KEY=VALUE"):
+        Setting.parse("cpu_cores=0")
 
 
 def _file(path, contexts: int, generations: int):

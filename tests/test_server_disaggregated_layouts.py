@@ -9,8 +9,6 @@ generation instance decodes from are then the same either way, and so are the to
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from launcher import TritonServer
+from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from tests.conftest import free_port
 from tests.test_server_disaggregated import PROMPTS, generate, metric_values, wait_for_idle_kv
@@ -26,31 +25,18 @@ from tests.test_server_disaggregated import PROMPTS, generate, metric_values, wa
 pytestmark = pytest.mark.integration
 
 
-def set_parameter(config: Path, key: str, value: str) -> None:
-    text, count = re.subn(
-        rf'parameters {{ key: "{key}", value: {{ string_value: "[^"]*" }} }}',
-        f'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}',
-        config.read_text(),
-    )
-    assert count == 1, f"{key} not in {config}"
-    config.write_text(text)
-
-
 @pytest.fixture(scope="module")
 def layout_server(tmp_path_factory):
-    repository = tmp_path_factory.mktemp("layouts") / "model_repository"
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(repository / "context" / "1", repository / "context" / "2")
-    (repository / "disaggregated_serving_bls" / "disagg_config.yaml").write_text(
+    work = tmp_path_factory.mktemp("layouts")
+    (work / "deployment.yaml").write_text(
         "context_servers:\n  num_instances: 2\n  router:\n    type: round_robin\n"
         "generation_servers:\n  num_instances: 1\n"
         "context_timeout_s: 20\n"
     )
-    set_parameter(repository / "generation" / "config.pbtxt", "block_size", "8")
-    set_parameter(repository / "generation" / "config.pbtxt", "kv_cache_dtype", "bfloat16")
-    set_parameter(repository / "aggregated" / "config.pbtxt", "kv_cache_dtype", "bfloat16")
-    for model in ("context", "generation", "aggregated"):
-        set_parameter(repository / model / "config.pbtxt", "kv_cache_memory_bytes", str(256 << 20))
+    settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16"]
+    settings += [f"{model}.kv_cache_memory_bytes={256 << 20}" for model in ("context", "generation", "aggregated")]
+    repository = work / "model_repository"
+    render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml", tuple(map(Setting.parse, settings)))
     server = TritonServer(
         repository,
         http_port=free_port(),
