@@ -93,6 +93,9 @@ class Scheduler:
                 seq.num_computed = 0
                 self.stats.kv_pull_fallbacks += 1
                 arrived = True
+            else:
+                if arrived:  # the pulled KV covers the prompt: only the first token's is left to compute
+                    seq.num_computed = seq.num_prompt_tokens
             if arrived:
                 self.awaiting_kv.remove(seq)
                 seq.status = Status.RUNNING

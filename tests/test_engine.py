@@ -171,7 +171,11 @@ def test_context_then_generation_equals_aggregated(tiny_dir, tiny_reference):
 
     with_log_probs = dataclasses.replace(greedy(9), return_log_probs=True)
     generation.add_generation_request("req", prompt, handoff.token_ids[0], with_log_probs, start_pull)
-    outputs = run_to_completion(generation)["req"]
+    outputs, step_sizes = [], []
+    while generation.has_unfinished():
+        outputs += generation.step()
+        step_sizes.append(generation.last_step_num_tokens)
+    assert max(step_sizes) == 1, step_sizes  # the pulled prompt is never computed again: decode steps only
     rest = tokens_of(outputs)
     assert [len(o.log_probs) for o in outputs] == [len(o.token_ids) for o in outputs]
     assert all(lp < 0 for o in outputs for lp in o.log_probs)
