@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -60,4 +61,6 @@ class KVHandle:
                 f"of block size {handle.layout.block_size}")
         if len(handle.secret) != SECRET_BYTES or not handle.agent_address or handle.max_message_bytes <= 0:
             raise MalformedMessageError("handle has an invalid secret, address or message limit")
+        if not math.isfinite(handle.expires_at):  # NaN would never expire, nor equal itself
+            raise MalformedMessageError(f"handle has a non-finite expiry {handle.expires_at}")
         return handle

@@ -3,15 +3,23 @@
 The server runs in its own process group, with a shared-memory prefix of its own for the
 Python stubs, so that a failed or finished server can be cleaned up completely (its stubs and
 its /dev/shm regions) without touching anything else on the machine.
+
+The stubs get the deployment key that authenticates context_phase_params through
+TRITON_DISAGG_KV_KEY_FILE: the caller's, when set (a deployment across hosts shares one key file),
+else a random key made once per launcher process, so servers started side by side share it.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +30,7 @@ from pathlib import Path
 from launcher.runtime import TritonRuntime, find_runtime
 from python_backend_utils.config import DEVICE_ENV
 from python_backend_utils.default_model import MODEL_DIR_ENV
+from python_backend_utils.messages import KEY_FILE_ENV, MIN_KEY_BYTES
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 SHM_DIR = Path("/dev/shm")
@@ -30,6 +39,17 @@ START_ATTEMPTS = 2  # a start fails now and then (seen: a lock exception during 
 
 class ServerStartError(RuntimeError):
     """tritonserver did not become ready."""
+
+
+@functools.cache
+def session_key_file() -> Path:
+    """A random deployment key, readable by this user only, removed when this process exits."""
+    directory = Path(tempfile.mkdtemp(prefix="triton-disagg-key-"))  # mode 0700
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "kv.key"
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key_file:
+        key_file.write(secrets.token_hex(MIN_KEY_BYTES))
+    return path
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,8 @@ class TritonServer:
         # Unique per attempt, so a stub left over from a failed attempt never shares a region.
         self._shm_prefix = f"triton_disagg_{os.getpid()}_{secrets.token_hex(4)}_"
         env = runtime.environment(dict(os.environ))
+        if not env.get(KEY_FILE_ENV):
+            env[KEY_FILE_ENV] = str(session_key_file())
         if self.model_dir:
             env[MODEL_DIR_ENV] = str(Path(self.model_dir).expanduser().resolve())
         if self.device:

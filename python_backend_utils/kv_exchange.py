@@ -6,13 +6,22 @@ layout and handles. Settings come from the model's config.pbtxt parameters (`kv_
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from kv_transfer import KVHandle, KVLayout, TransferAgent, TransferConfig, TransferTimeoutError, allocate_kv_pool
-from python_backend_utils.messages import ContextPhaseParams
+from kv_transfer import (
+    KVHandle,
+    KVLayout,
+    MalformedMessageError,
+    TransferAgent,
+    TransferConfig,
+    TransferTimeoutError,
+    allocate_kv_pool,
+)
+from python_backend_utils.messages import ContextPhaseParams, MalformedContextParamsError
 from python_backend_utils.model_runner import ModelShape
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -28,18 +37,35 @@ def layout_for(shape: ModelShape, block_size: int, dtype: torch.dtype) -> KVLayo
     )
 
 
-def transfer_config(parameters: dict[str, str], name: str) -> TransferConfig:
-    """TransferConfig from `kv_<field>` parameters; empty values keep kv_transfer's defaults."""
+# TRITON_DISAGG_KV_<FIELD> (e.g. TRITON_DISAGG_KV_BIND_INTERFACE=eth0) overrides the `kv_<field>`
+# parameter, so each container of a multi-host deployment sets its own without editing config.pbtxt.
+KV_ENV_PREFIX = "TRITON_DISAGG_KV_"
+
+
+def transfer_config(parameters: dict[str, str], name: str, environ: Mapping[str, str] | None = None) -> TransferConfig:
+    """TransferConfig from `kv_<field>` parameters, each overridden by a non-empty
+    TRITON_DISAGG_KV_<FIELD> variable of `environ` (default: os.environ); empty values keep
+    kv_transfer's defaults."""
+    environ = os.environ if environ is None else environ
     defaults = TransferConfig(name=name)
     values = {}
     for field, default in vars(defaults).items():
-        raw = parameters.get(f"kv_{field}", "")
-        if raw == "" or field in ("name", "allowed_peers"):
+        if field in ("name", "allowed_peers"):
+            continue
+        source, raw = f"{KV_ENV_PREFIX}{field.upper()}", environ.get(f"{KV_ENV_PREFIX}{field.upper()}", "")
+        if raw == "":
+            source, raw = f"kv_{field}", parameters.get(f"kv_{field}", "")
+        if raw == "":
             continue
         if isinstance(default, bool):
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"{source}={raw!r}: use true or false")
             values[field] = raw.lower() in ("1", "true", "yes")
         else:
-            values[field] = type(default)(raw)
+            try:
+                values[field] = type(default)(raw)
+            except ValueError:
+                raise ValueError(f"{source}={raw!r}: expected a {type(default).__name__}") from None
     return TransferConfig(name=name, **values)
 
 
@@ -68,7 +94,11 @@ class KVExchange:
 
     def pull_starter(self, handoff: ContextPhaseParams) -> Callable[[list[int]], Callable[[], bool]]:
         """For LLMEngine.add_generation_request: start the pull once blocks exist, then poll it."""
-        handle = KVHandle.from_bytes(handoff.kv_handle)
+        try:
+            handle = KVHandle.from_bytes(handoff.kv_handle)
+        except MalformedMessageError as error:  # authentic but unreadable: another kv_transfer version
+            raise MalformedContextParamsError(f"context_phase_params holds a KV handle this instance "
+                                              f"cannot read ({error})") from None
         needed = self.layout.blocks_for(handoff.num_prompt_tokens)
 
         def start(block_ids: list[int]) -> Callable[[], bool]:
@@ -77,7 +107,7 @@ class KVExchange:
                 future = self.agent.pull(handle, block_ids[:needed])
             except Exception as error:  # noqa: BLE001 - e.g. layouts that cannot convert: recompute here
 
-                def failed() -> bool:
+                def failed(error: Exception = error) -> bool:  # bound now: `error` is unset after the except
                     raise error
 
                 return failed

@@ -6,6 +6,8 @@ Like TensorRT-LLM's tensorrt_llm model, what a request gets depends on what it c
   and the response carries `context_phase_params` for a generation instance;
 - role "generation": with `context_phase_params`, the KV is pulled while other sequences keep
   decoding; without, both phases run here (conditional disaggregation, or the fallback).
+  The params are signed by the context role and verified here, under the deployment key
+  (messages.py), before anything in them is used.
 A request with `stop` set aborts the in-flight request of the same Triton request id.
 
 `execute` only validates and enqueues; the engine loop thread sends every response.
@@ -24,7 +26,13 @@ from python_backend_utils.config import EngineConfig
 from python_backend_utils.engine import LLMEngine
 from python_backend_utils.engine_loop import EngineLoop
 from python_backend_utils.errors import CapacityError, InvalidRequestError, RequestAbortedError
-from python_backend_utils.messages import ContextPhaseParams, MalformedContextParamsError, RequestOutput
+from python_backend_utils.messages import (
+    ContextPhaseParams,
+    MalformedContextParamsError,
+    RequestOutput,
+    load_deployment_key,
+)
+from python_backend_utils.sampling import check_token_ids
 from python_backend_utils.placement import pin_instance
 from python_backend_utils.sequence import Role
 from python_backend_utils.triton_metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
@@ -32,6 +40,7 @@ from python_backend_utils.triton_io import ResponseAssembler, generation_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ROLES = ("aggregated", "context", "generation")
+PARAMS_METRICS = {"context_params_rejected_total": "context_phase_params refused as malformed or failing authentication"}
 
 
 def error_response(error: Exception) -> pb_utils.InferenceResponse:
@@ -41,7 +50,8 @@ def error_response(error: Exception) -> pb_utils.InferenceResponse:
         code = pb_utils.TritonError.CANCELLED
     else:
         code = pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+    message = str(error) or f"{type(error).__name__} (no detail)"  # never an empty error for the client
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 def send_tensors(sender, tensors: dict[str, np.ndarray], final: bool) -> None:
@@ -81,9 +91,12 @@ class LLMModel:
         self.instance_name = f"{args['model_name']}/{args['model_version']}"
         config = EngineConfig.from_parameters(parameters)
         self.transfer = None
+        self.params_key = b""
+        self.params_rejected = 0
         if self.role == "aggregated":
             engine = LLMEngine(config)
         else:
+            self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
             from python_backend_utils.kv_exchange import KVExchange, transfer_config
 
             self.transfer = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}"))
@@ -91,7 +104,8 @@ class LLMModel:
             self.transfer.attach(engine.pool.tensor)
         self.engine = engine
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {})}
+        descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
+                        **(PARAMS_METRICS if self.role == "generation" else {})}
         self.gauges = GaugeSet("disagg", descriptions, labels)
         self.loop = EngineLoop(engine, on_tick=self._publish_metrics)
         self.loop.start()
@@ -125,6 +139,7 @@ class LLMModel:
             "preemptions_total": stats.preemptions,
             "kv_pull_fallbacks_total": stats.kv_pull_fallbacks,
             "prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens,
+            "context_params_rejected_total": self.params_rejected,
         }
         if self.transfer is not None:
             t = self.transfer.metrics()
@@ -149,6 +164,7 @@ class LLMModel:
             sender.send(None, flags=FINAL)
             return
         generation = generation_request(inputs)
+        check_token_ids(generation.prompt_ids, self.engine.vocab_size, "input_ids")
         request_id = uuid.uuid4().hex
         on_end = None
         if triton_id:
@@ -156,18 +172,20 @@ class LLMModel:
                 self._by_triton_id[triton_id] = request_id
             on_end = lambda: self._forget(triton_id, request_id)  # noqa: E731
         if self.role == "context":
-            publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end)
+            publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end,
+                                         self.params_key, generation.prompt_ids)
             self.loop.submit(request_id, generation.prompt_ids, generation.params, publisher.on_output,
                              sender.is_cancelled, publisher.on_error, role=Role.CONTEXT_ONLY)
             return
         stream = ResponseStream(sender, ResponseAssembler(generation), on_end)
         if self.role == "generation" and "context_phase_params" in inputs:
-            handoff = ContextPhaseParams.from_bytes(inputs["context_phase_params"].reshape(-1).tobytes())
-            if handoff.num_prompt_tokens != len(generation.prompt_ids):
-                raise InvalidRequestError(
-                    f"context_phase_params covers {handoff.num_prompt_tokens} prompt tokens, "
-                    f"input_ids holds {len(generation.prompt_ids)}"
-                )
+            try:
+                handoff = ContextPhaseParams.from_bytes(inputs["context_phase_params"].reshape(-1).tobytes(),
+                                                        self.params_key, generation.prompt_ids)
+            except MalformedContextParamsError:
+                self.params_rejected += 1
+                raise
+            check_token_ids([handoff.first_token], self.engine.vocab_size, "context_phase_params' first token")
             start_pull = self.transfer.pull_starter(handoff)
             self.loop.submit_generation(request_id, generation.prompt_ids, handoff.first_token, generation.params,
                                         start_pull, stream.on_output, sender.is_cancelled, stream.on_error)
@@ -193,12 +211,15 @@ class LLMModel:
 class ContextResponder:
     """Context role: answer with the first token and, while the request goes on, the KV's handle."""
 
-    def __init__(self, sender, transfer, loop: EngineLoop, instance_name: str, on_end) -> None:
+    def __init__(self, sender, transfer, loop: EngineLoop, instance_name: str, on_end,
+                 params_key: bytes, prompt_ids: list[int]) -> None:
         self.sender = sender
         self.transfer = transfer
         self.loop = loop
         self.instance_name = instance_name
         self.on_end = on_end
+        self.params_key = params_key
+        self.prompt_ids = prompt_ids
 
     def on_output(self, output: RequestOutput) -> None:
         tensors = {
@@ -214,7 +235,8 @@ class ContextResponder:
                 on_release=lambda request_id: self.loop.call_soon(lambda: engine.release_kv(request_id)),
             )
             params = ContextPhaseParams(self.instance_name, output.token_ids[0], output.num_prompt_tokens, handle)
-            tensors["context_phase_params"] = np.frombuffer(params.to_bytes(), dtype=np.uint8)
+            signed = params.to_bytes(self.params_key, self.prompt_ids)
+            tensors["context_phase_params"] = np.frombuffer(signed, dtype=np.uint8)
         send_tensors(self.sender, tensors, final=True)
         if self.on_end:
             self.on_end()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     end_id: int | None = None
+    pad_id: int | None = None  # accepted for TensorRT-LLM compatibility and checked; nothing is padded
     stop_words: tuple[tuple[int, ...], ...] = ()
     bad_words: tuple[tuple[int, ...], ...] = ()
     return_log_probs: bool = False
@@ -43,18 +46,27 @@ class SamplingParams:
                 f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) exceeds the context window "
                 f"of {max_model_len}: ask for at most {max_model_len - prompt_len} tokens"
             )
-        if not self.temperature >= 0.0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.end_id is not None and not 0 <= self.end_id < vocab_size:
-            raise InvalidRequestError(f"end_id {self.end_id} is outside the vocabulary [0, {vocab_size})")
+        for value, name in ((self.end_id, "end_id"), (self.pad_id, "pad_id")):
+            if value is not None and not 0 <= value < vocab_size:
+                raise InvalidRequestError(f"{name} {value} is outside the vocabulary [0, {vocab_size})")
         for words, name in ((self.stop_words, "stop_words"), (self.bad_words, "bad_words")):
             for word in words:
-                if not word or any(not 0 <= t < vocab_size for t in word):
-                    raise InvalidRequestError(f"{name} holds an empty word or a token outside the vocabulary")
+                if not word:
+                    raise InvalidRequestError(f"{name} holds an empty word (an empty string tokenizes to nothing)")
+                check_token_ids(word, vocab_size, name)
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, name: str) -> None:
+    """Refuse ids the model has no embedding for: one would fail the whole batch it lands in."""
+    if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab_size:
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise InvalidRequestError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
 def apply_bad_words(logits: torch.Tensor, histories: list[list[int]], bad_words: list[tuple[tuple[int, ...], ...]]) -> None:

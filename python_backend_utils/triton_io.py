@@ -106,8 +106,10 @@ class GenerationRequest:
 def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
     """Read the middle step's inputs, named as in TensorRT-LLM's `tensorrt_llm` model.
 
-    pad_id is accepted for compatibility and unused: nothing is padded here.
+    pad_id is accepted for compatibility and checked, but unused: nothing is padded here.
     """
+    if "input_ids" not in inputs:  # Triton checks only how many inputs came, not which
+        raise InvalidRequestError("input_ids is required: send the prompt's token ids")
     input_ids = inputs["input_ids"].reshape(-1)
     length = scalar(inputs, "input_lengths", len(input_ids))
     if not 0 <= length <= len(input_ids):
@@ -119,6 +121,7 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         top_p=scalar(inputs, "runtime_top_p", SamplingParams.top_p),
         seed=scalar(inputs, "random_seed", None),
         end_id=scalar(inputs, "end_id", None),
+        pad_id=scalar(inputs, "pad_id", None),
         stop_words=decode_word_list(inputs.get("stop_words_list"), "stop_words_list"),
         bad_words=decode_word_list(inputs.get("bad_words_list"), "bad_words_list"),
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),

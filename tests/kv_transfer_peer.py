@@ -195,6 +195,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.005):
 
 # ---------------------------------------------------------------- a peer that breaks the protocol
 
+GARBAGE_MESSAGES = 4  # what RogueSender.send_garbage_to sends: junk, truncated, corrupted, oversized
+
 
 def _rogue_main(conn) -> None:
     os.setpgrp()
@@ -237,8 +239,10 @@ def _rogue_main(conn) -> None:
                 good = PullRequest(1, worker.address.tobytes(), "rogue", ProcessIdentity.current(), "r",
                                    bytes(16), (0, 1), (0, 1), False, (0, 1)).to_bytes()
                 flipped = good[:20] + bytes([good[20] ^ 0xFF]) + good[21:]
-                requests = [send(endpoint, payload, CONTROL_TAG)
-                            for payload in (b"not a kv_transfer message", good[:len(good) // 2], flipped)]
+                oversized = good + bytes(MAX_CONTROL_BYTES)  # longer than the receive posted for it
+                garbage = (b"not a kv_transfer message", good[:len(good) // 2], flipped, oversized)
+                assert len(garbage) == GARBAGE_MESSAGES
+                requests = [send(endpoint, payload, CONTROL_TAG) for payload in garbage]
                 while not all(r.completed for r in requests):
                     time.sleep(0.001)
             conn.send("ok")

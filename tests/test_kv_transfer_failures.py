@@ -12,7 +12,7 @@ import torch
 from kv_transfer import (
     KVHandle, KVLayout, MalformedMessageError, PeerLostError, PeerUnreachableError, TransferAgent, TransferConfig,
     TransferTimeoutError, allocate_kv_pool)
-from tests.kv_transfer_peer import Peer, RogueSender, wait_until
+from tests.kv_transfer_peer import GARBAGE_MESSAGES, Peer, RogueSender, wait_until
 
 SMALL = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=8)
 # 1 MiB fp32 blocks, received as bf16 one block per message (or per shared-memory read step),
@@ -147,7 +147,7 @@ def test_misbehaving_sender_fails_the_pull_in_bounded_time(rogue, genuine_handle
 def test_garbage_control_messages_are_counted_and_ignored(rogue):
     with agent_for(SMALL, name="ctx") as sender:
         rogue.send_garbage_to(sender.address)
-        wait_until(lambda: sender.metrics.snapshot()["malformed_messages"] == 3, 5)
+        wait_until(lambda: sender.metrics.snapshot()["malformed_messages"] == GARBAGE_MESSAGES, 5)
         handle = sender.publish("req", [3], 8)
         with agent_for(SMALL, name="gen") as receiver:
             receiver.pull(handle, [0]).result(10)

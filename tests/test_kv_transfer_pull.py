@@ -200,6 +200,20 @@ def test_wrong_secret_is_refused_counted_and_reveals_nothing(peer, sender):
         assert torch.equal(pool[[0, 1]], peer.call("blocks", sender, [6, 7]))
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "ucx"])
+def test_a_used_handle_cannot_be_pulled_again(peer, sender, shared):
+    handle = publish(peer, sender, "req-once", [8, 9], 20)
+    pool, agent = receiver(use_shared_memory=shared)
+    with agent:
+        agent.pull(handle, [0, 1]).result(10)
+        assert wait_until(lambda: peer.call("releases_of", sender), 5) == [("req-once", "pulled")]
+        with pytest.raises(PullRefusedError):  # the secret was for one pull: replaying it gets nothing
+            agent.pull(handle, [2, 3]).result(10)
+        assert peer.call("metrics", sender)["pulls_refused"] == 1
+        assert not pool[[2, 3]].any()  # not even what a same-host read ahead of the answer copied
+        assert_receiver_clean(agent)
+
+
 @pytest.mark.parametrize("sender", [{"allowed_peers": ["gen-trusted"]}], indirect=True)
 def test_allow_lists_on_both_sides(peer, sender):
     handle = publish(peer, sender, "req-allow", [9], 10)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer import KVHandle, KVLayout, LayoutMismatchError, MalformedMessageError, allocate_kv_pool
+from kv_transfer import (
+    KVHandle, KVLayout, LayoutMismatchError, MalformedMessageError, TransferAgent, TransferConfig, allocate_kv_pool)
 from kv_transfer.conversion import Route, copy_selection, gather, scatter, source_bytes
 from kv_transfer.liveness import ProcessIdentity
 from kv_transfer.metrics import Histogram, TransferMetrics
@@ -221,3 +222,10 @@ def test_liveness_of_this_and_other_processes():
     assert dataclasses.replace(me, start_ticks=me.start_ticks + 1).is_alive() is False  # pid reused
     assert dataclasses.replace(me, pid=2 ** 22 + 1).is_alive() is False
     assert dataclasses.replace(me, boot_id="another-host").is_alive() is None
+
+
+def test_agent_is_reachable_over_loopback_only_unless_configured():
+    """UCX may use only the configured interface (UCX_NET_DEVICES): by default nothing off this host."""
+    assert TransferConfig().bind_interface == "lo"
+    with TransferAgent(allocate_kv_pool(MODEL, 2), MODEL, TransferConfig(name="a")) as agent:
+        assert agent._context.config["NET_DEVICES"] == "lo"
