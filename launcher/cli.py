@@ -18,6 +18,11 @@ MODES = {
     "disaggregated": ["ensemble", "ensemble_unary", "context", "generation"],
     "aggregated": ["ensemble_aggregated", "aggregated"],
     "both": ["ensemble", "ensemble_unary", "context", "generation", "ensemble_aggregated", "aggregated"],
+    # Scale-out: one server per role. The orchestrator server has no engine of its own; its
+    # deployment file lists the others' gRPC endpoints as `urls`.
+    "orchestrator": ["ensemble", "ensemble_unary"],
+    "context-server": ["context"],
+    "generation-server": ["generation"],
 }
 
 
@@ -54,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(MODES),
         default="disaggregated",
         help="disaggregated: `ensemble` runs context and generation instances (default); "
-        "aggregated: `ensemble_aggregated` runs both phases in one engine; both: everything",
+        "aggregated: `ensemble_aggregated` runs both phases in one engine; both: everything; "
+        "orchestrator / context-server / generation-server: one role of a deployment over several servers "
+        "(the orchestrator's deployment file names the others under urls)",
     )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)

@@ -4,8 +4,13 @@ Per request: a context instance (chosen by its router) prefills and returns the 
 which goes to the client at once; a generation instance (chosen by its router) pulls the KV
 and streams the rest. A failed or timed-out context call is retried once on another context
 instance, then the generation instance prefills locally; prompts shorter than the deployment's
-threshold go straight there. The client-facing responses are assembled here, so streaming and
-non-streaming clients see exactly what the aggregated model would send.
+threshold go straight there. A generation call that fails before its first response is tried
+once more on another generation instance. The client-facing responses are assembled here, so
+streaming and non-streaming clients see exactly what the aggregated model would send.
+
+Instances are targets of two kinds behind the same routers and the same logic: versions of a
+model on this server, reached through BLS, and models on other servers (`remote.py`, gRPC).
+Membership changes at runtime (`apply`, `set_health`, called from the membership thread).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import concurrent.futures
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,44 +29,48 @@ import triton_python_backend_utils as pb_utils
 from python_backend_utils.deployment import Deployment
 from python_backend_utils.errors import InvalidRequestError, RequestAbortedError
 from python_backend_utils.llm_model import FINAL, error_response, send_tensors
+from python_backend_utils.membership import diff_targets, group_targets
 from python_backend_utils.messages import RequestOutput
+from python_backend_utils.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
 from python_backend_utils.routing import NoTargetError, Router, Target, make_router
 from python_backend_utils.triton_io import ResponseAssembler, generation_request, request_inputs
 
 logger = logging.getLogger(__name__)
 
 WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
+CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 # Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
 # request in flight waits for its next response on one of these threads, off the event loop.
 MAX_REQUESTS_IN_FLIGHT = 256
 _END = object()
 STOP_TIMEOUT_S = 5.0
+GROUPS = ("context", "generation")
 
 
-class ResponseStream:
-    """Async access to a blocking BLS response iterator."""
+class LocalStream:
+    """Async access to the blocking response iterator of a BLS request to a model on this server."""
 
-    def __init__(self, iterator, executor: concurrent.futures.Executor) -> None:
+    def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target) -> None:
         self._iterator = iterator
         self._executor = executor
+        self._where = where
 
-    async def next(self, timeout: float):
-        """The next response, or None at the end of the stream; raises asyncio.TimeoutError."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator, _END)
-        response = await asyncio.wait_for(asyncio.shield(future), timeout)
-        return None if response is _END else response
-
-
-class ClientError(Exception):
-    """A worker refused the request's content: the client must hear it, retrying elsewhere won't help."""
-
-    def __init__(self, error) -> None:
-        super().__init__(error.message())
-        self.triton_error = error
-
-
-class WorkerFailed(Exception):
-    """A worker failed or did not answer in time."""
+    async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
+        """The next response's outputs, or None at the end; raises asyncio.TimeoutError,
+        ClientError (the worker said INVALID_ARG) or WorkerFailed."""
+        while True:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator, _END)
+            response = await asyncio.wait_for(asyncio.shield(future), timeout)
+            if response is _END:
+                return None
+            if response.has_error():
+                error = response.error()
+                if error.code() == pb_utils.TritonError.INVALID_ARG:
+                    raise ClientError(error.message())
+                raise WorkerFailed(f"{self._where}: {error.message()}")
+            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+            if outputs:
+                return outputs
 
 
 @dataclass
@@ -99,22 +109,64 @@ class ContextResult:
 class Orchestrator:
     def __init__(self, deployment: Deployment, context_block_size: int) -> None:
         self.deployment = deployment
-        self.context_router = self._router(deployment.context_servers, context_block_size)
-        self.generation_router = self._router(deployment.generation_servers, context_block_size)
+        self.block_size = context_block_size
+        self.routers: dict[str, Router] = {
+            name: make_router(group_targets(group), group.router, context_block_size)
+            for name, group in zip(GROUPS, self._groups(deployment))
+        }
+        self.remote = RemoteWorkers()
         self.stats = OrchestratorStats()
+        # Told when a routed request could not reach a remote target (the membership monitor).
+        self.on_unreachable: Callable[[Target], None] = lambda target: None
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
 
-    @staticmethod
-    def _router(group, block_size: int) -> Router:
-        targets = [Target(group.model_name, version) for version in range(1, group.num_instances + 1)]
-        return make_router(targets, group.router, block_size)
+    @property
+    def context_router(self) -> Router:
+        return self.routers["context"]
 
+    @property
+    def generation_router(self) -> Router:
+        return self.routers["generation"]
+
+    @staticmethod
+    def _groups(deployment: Deployment):
+        return deployment.context_servers, deployment.generation_servers
+
+    # ------------------------------------------------------------ membership
+    def apply(self, deployment: Deployment) -> None:
+        """A new deployment: new targets take requests now, removed ones drain, settings apply."""
+        for name, group in zip(GROUPS, self._groups(deployment)):
+            router, targets = self.routers[name], group_targets(group)
+            change = diff_targets(router.targets, targets)
+            if group.router != router.config:
+                replacement = make_router(targets, group.router, self.block_size)
+                replacement.adopt(router)
+                self.routers[name] = replacement
+                logger.info("%s router is now %s", name, group.router)
+            else:
+                router.set_targets(targets)
+            if change:
+                logger.info("%s instances: added %s, removed %s (they finish what they run)", name,
+                            [str(t) for t in change.added] or "none", [str(t) for t in change.removed] or "none")
+        self.remote.set_urls({t.url for r in self.routers.values() for t in r.targets if t.url})
+        self.deployment = deployment
+
+    def set_health(self, target: Target, healthy: bool) -> None:
+        for router in self.routers.values():
+            router.set_healthy(target, healthy)
+
+    def remote_targets(self) -> list[Target]:
+        """Remote targets in rotation or draining: the ones health checks watch."""
+        return [t for r in self.routers.values() for t in r.snapshot() if t.url]
+
+    # ------------------------------------------------------------ requests
     async def serve(self, request) -> None:
         sender = request.get_response_sender()
         try:
             await self._serve(request, sender)
         except ClientError as error:
-            sender.send(pb_utils.InferenceResponse(error=error.triton_error), flags=FINAL)
+            refusal = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+            sender.send(pb_utils.InferenceResponse(error=refusal), flags=FINAL)
         except Exception as error:  # noqa: BLE001 - every request ends with a final response
             if not isinstance(error, (InvalidRequestError, RequestAbortedError)):
                 logger.exception("disaggregated request failed")
@@ -122,12 +174,14 @@ class Orchestrator:
 
     async def _serve(self, request, sender) -> None:
         self.stats.requests += 1
-        generation = generation_request(request_inputs(request))
+        inputs = request_inputs(request)
+        generation = generation_request(inputs)
         assembler = ResponseAssembler(generation)
         request_id = uuid.uuid4().hex
         prompt = generation.prompt_ids
-        worker_inputs = [t for t in request.inputs() if t.name() not in ("streaming", "stop")]
-        worker_inputs.append(pb_utils.Tensor("streaming", np.array([True])))
+        worker_inputs = {name: array for name, array in inputs.items() if name not in ("streaming", "stop")}
+        worker_inputs["streaming"] = np.array([True])
+        deployment = self.deployment
 
         started = time.monotonic()
 
@@ -138,8 +192,8 @@ class Orchestrator:
                 send_tensors(sender, response.tensors, response.final)
 
         context = None
-        if len(prompt) >= self.deployment.min_disaggregated_prompt_tokens:
-            context = await self._context_phase(request_id, worker_inputs, prompt)
+        if len(prompt) >= deployment.min_disaggregated_prompt_tokens:
+            context = await self._context_phase(request_id, worker_inputs, prompt, deployment)
             if context is None:
                 self.stats.context_fallbacks += 1
         else:
@@ -152,11 +206,13 @@ class Orchestrator:
             deliver(RequestOutput(request_id, context.first_tokens, context.log_probs, finished, None))
             if finished:
                 return
-            worker_inputs.append(pb_utils.Tensor("context_phase_params", context.params))
-        await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens, deliver)
+            worker_inputs["context_phase_params"] = context.params
+        await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
+                                     deliver, deployment)
         self.stats.generation_phase_seconds += time.monotonic() - generation_started
 
-    async def _context_phase(self, request_id: str, inputs, prompt: list[int]) -> ContextResult | None:
+    async def _context_phase(self, request_id: str, inputs, prompt: list[int],
+                             deployment: Deployment) -> ContextResult | None:
         tried: set[Target] = set()
         for attempt in range(2):
             try:
@@ -166,97 +222,115 @@ class Orchestrator:
             tried.add(target)
             if attempt:
                 self.stats.context_retries += 1
+            worker_id = f"{request_id}-ctx{attempt}"
             self.context_router.started(target, len(prompt))
             try:
-                responses = await self._collect(target, f"{request_id}-ctx{attempt}", inputs,
-                                                self.deployment.context_timeout_s)
+                stream = await self._open(target, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
+                responses = []
+                while (outputs := await stream.next(deployment.context_timeout_s)) is not None:
+                    responses.append(outputs)
             except ClientError:
                 raise
             except Exception as error:  # noqa: BLE001 - failed, unreachable or timed out: try elsewhere
                 logger.warning("context instance %s failed (%r); %s", target, error,
                                "retrying elsewhere" if attempt == 0 else "prefilling on the generation instance")
-                await self._stop(target, f"{request_id}-ctx{attempt}")
+                await self._abandon(target, worker_id, error)
                 continue
             finally:
                 self.context_router.finished(target, len(prompt))
             tokens, log_probs, params = [], [], None
-            for response in responses:
-                tensors = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                tokens += tensors.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
-                log_probs += tensors.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
-                if tensors.get("context_phase_params") is not None and tensors["context_phase_params"].size:
-                    params = tensors["context_phase_params"].reshape(-1)
+            for outputs in responses:
+                tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
+                log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
+                if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
+                    params = outputs["context_phase_params"].reshape(-1)
             return ContextResult(tokens, log_probs, params)
         return None
 
-    async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver) -> None:
-        target = self.generation_router.choose(prompt)
+    async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
+                                deployment: Deployment) -> None:
         load = len(prompt) + max_tokens
-        self.generation_router.started(target, load)
-        worker_id = f"{request_id}-gen"
-        try:
-            responses = await self._exec(target, worker_id, inputs, self.deployment.context_timeout_s)
-            while True:
-                if request.is_cancelled():
-                    self.stats.cancelled += 1
-                    await self._stop(target, worker_id)
-                    raise RequestAbortedError("the request was cancelled by the client")
-                try:
-                    response = await responses.next(self.deployment.generation_timeout_s)
-                except asyncio.TimeoutError:
-                    await self._stop(target, worker_id)
-                    raise WorkerFailed(f"generation instance {target} sent nothing for "
-                                       f"{self.deployment.generation_timeout_s} s") from None
-                if response is None:
-                    deliver(RequestOutput(request_id, [], [], True, None))
-                    return
-                self._raise_if_error(response, target)
-                tensors = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                if tensors:
-                    deliver(RequestOutput(request_id, tensors["output_ids"].reshape(-1).tolist(),
-                                          tensors["output_log_probs"].reshape(-1).tolist(), False, None))
-        finally:
-            self.generation_router.finished(target, load)
+        tried: set[Target] = set()
+        for attempt in range(2):
+            # An instance marked unhealthy is still better than failing the request outright.
+            target = self.generation_router.choose(prompt, frozenset(tried), allow_unhealthy=True)
+            tried.add(target)
+            worker_id = f"{request_id}-gen{attempt}"
+            received = False
+            self.generation_router.started(target, load)
+            try:
+                # A busy generation instance queues the request: its first answer may take as long as any.
+                stream = await self._open(target, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
+                while True:
+                    if request.is_cancelled():
+                        self.stats.cancelled += 1
+                        await self._stop(target, worker_id)
+                        raise RequestAbortedError("the request was cancelled by the client")
+                    try:
+                        outputs = await stream.next(deployment.generation_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise WorkerFailed(f"generation instance {target} sent nothing for "
+                                           f"{deployment.generation_timeout_s} s") from None
+                    if outputs is None:
+                        deliver(RequestOutput(request_id, [], [], True, None))
+                        return
+                    received = True
+                    deliver(RequestOutput(request_id, outputs["output_ids"].reshape(-1).tolist(),
+                                          outputs["output_log_probs"].reshape(-1).tolist(), False, None))
+            except (ClientError, RequestAbortedError):
+                raise
+            except Exception as error:  # noqa: BLE001 - before its first token, another instance may take it
+                await self._abandon(target, worker_id, error)
+                if received or attempt or len(self.generation_router.targets) <= 1:
+                    raise
+                logger.warning("generation instance %s failed before its first token (%r); retrying elsewhere",
+                               target, error)
+            finally:
+                self.generation_router.finished(target, load)
 
-    async def _exec(self, target: Target, worker_id: str, inputs, timeout: float) -> ResponseStream:
+    async def _open(self, target: Target, worker_id: str, inputs: dict[str, np.ndarray], outputs: list[str],
+                    timeout: float):
+        """Start a worker request on a target; the stream's `next` gives its responses."""
+        if target.url is not None:
+            return self.remote.open(target.url, target.model_name, target.version, worker_id, inputs, outputs)
         inner = pb_utils.InferenceRequest(
             model_name=target.model_name,
             model_version=target.version,
-            inputs=inputs,
-            requested_output_names=WORKER_OUTPUTS + (["context_phase_params"] if target.model_name
-                                                     == self.deployment.context_servers.model_name else []),
+            inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+            requested_output_names=outputs,
             request_id=worker_id,
         )
-        # Submitting can itself hang on an instance whose stub died: bound it like every wait.
-        return ResponseStream(await asyncio.wait_for(inner.async_exec(decoupled=True), timeout), self._executor)
+        # Submitting can itself hang on an instance whose stub died: bound it like every wait. (It
+        # returns with the request's first response, so the bound covers queueing there too.)
+        try:
+            iterator = await asyncio.wait_for(inner.async_exec(decoupled=True), timeout)
+        except asyncio.TimeoutError:
+            raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
+        return LocalStream(iterator, self._executor, target)
 
-    async def _collect(self, target: Target, worker_id: str, inputs, timeout: float) -> list:
-        stream, responses = await self._exec(target, worker_id, inputs, timeout), []
-        while (response := await stream.next(timeout)) is not None:
-            self._raise_if_error(response, target)
-            responses.append(response)
-        return responses
-
-    @staticmethod
-    def _raise_if_error(response, target: Target) -> None:
-        if not response.has_error():
-            return
-        error = response.error()
-        if error.code() == pb_utils.TritonError.INVALID_ARG:
-            raise ClientError(error)
-        raise WorkerFailed(f"{target}: {error.message()}")
+    async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
+        """After a failed call: an unreachable server leaves rotation, a reachable one is told to stop."""
+        if isinstance(error, TargetUnreachable):
+            self.on_unreachable(target)
+        else:
+            await self._stop(target, worker_id)
 
     async def _stop(self, target: Target, worker_id: str) -> None:
         """Ask an instance to abort a request it may still be running (its KV is freed)."""
-        stop = pb_utils.InferenceRequest(
-            model_name=target.model_name,
-            model_version=target.version,
-            inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
-            requested_output_names=[],
-            request_id=worker_id,
-        )
         try:
+            if target.url is not None:
+                await asyncio.wait_for(
+                    self.remote.stop(target.url, target.model_name, target.version, worker_id, STOP_TIMEOUT_S),
+                    2 * STOP_TIMEOUT_S)
+                return
+            stop = pb_utils.InferenceRequest(
+                model_name=target.model_name,
+                model_version=target.version,
+                inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
+                requested_output_names=[],
+                request_id=worker_id,
+            )
             submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
-            await ResponseStream(submitted, self._executor).next(STOP_TIMEOUT_S)
+            await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a dead instance has nothing left to stop
             logger.info("could not stop %s on %s", worker_id, target)

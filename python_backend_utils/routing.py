@@ -8,6 +8,7 @@ KV-cache-aware router uses the latter as its picture of each instance's prefix c
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from python_backend_utils.deployment import RouterConfig
 
 @dataclass(frozen=True)
 class Target:
-    """One instance: a version of a model, on this server (url None) or a remote one."""
+    """One instance: a version of a model, on this server (url None) or on the server at `url`."""
 
     model_name: str
     version: int
@@ -29,7 +30,7 @@ class Target:
 
 
 class NoTargetError(RuntimeError):
-    """Every instance is excluded (all failed for this request)."""
+    """Every instance is excluded (all failed for this request) or out of rotation."""
 
 
 @dataclass
@@ -39,34 +40,104 @@ class _Load:
 
 
 class Router:
-    """Round robin; subclasses override `_pick`. Load is tracked for every policy (it is a metric too)."""
+    """Round robin; subclasses override `_pick`. Load is tracked for every policy (it is a metric too).
+
+    Membership changes at runtime: `set_targets` puts new targets in rotation at once and takes
+    removed ones out, while `finished` keeps counting the requests they still run (they drain:
+    `draining` lists them until their last request ends). `set_healthy` takes a target out of
+    rotation and back. The orchestrator routes on its event loop while membership and health
+    change on another thread, hence the lock.
+    """
 
     def __init__(self, targets: list[Target], config: RouterConfig) -> None:
         if not targets:
             raise ValueError("a router needs at least one target")
-        self.targets = list(targets)
+        self.targets: list[Target] = []
         self.config = config
-        self.load = {target: _Load() for target in self.targets}
-        self.decisions = {target: 0 for target in self.targets}
+        self.load: dict[Target, _Load] = {}
+        self.decisions: dict[Target, int] = {}
+        self.unhealthy: set[Target] = set()
         self._cycle = itertools.count()
+        self._lock = threading.Lock()
+        self.set_targets(targets)
 
-    def choose(self, prompt_ids: list[int], exclude: frozenset[Target] = frozenset()) -> Target:
-        candidates = [t for t in self.targets if t not in exclude]
-        if not candidates:
-            raise NoTargetError(f"no instance left to try (excluded: {', '.join(map(str, exclude))})")
-        target = self._pick(candidates, prompt_ids)
-        self.decisions[target] += 1
-        return target
+    def choose(
+        self, prompt_ids: list[int], exclude: frozenset[Target] = frozenset(), *, allow_unhealthy: bool = False
+    ) -> Target:
+        """A target in rotation; with `allow_unhealthy`, an unhealthy one when no healthy one is left."""
+        with self._lock:
+            candidates = [t for t in self.targets if t not in exclude]
+            healthy = [t for t in candidates if t not in self.unhealthy]
+            if healthy or not allow_unhealthy:
+                candidates = healthy
+            if not candidates:
+                out = ", ".join(map(str, sorted(exclude | self.unhealthy, key=str))) or "none"
+                raise NoTargetError(f"no instance left to try (failed or unhealthy: {out})")
+            target = self._pick(candidates, prompt_ids)
+            self.decisions[target] += 1
+            return target
 
     def started(self, target: Target, num_tokens: int) -> None:
-        load = self.load[target]
-        load.requests += 1
-        load.tokens += num_tokens
+        with self._lock:
+            load = self.load[target]
+            load.requests += 1
+            load.tokens += num_tokens
 
     def finished(self, target: Target, num_tokens: int) -> None:
-        load = self.load[target]
-        load.requests -= 1
-        load.tokens -= num_tokens
+        with self._lock:
+            load = self.load[target]
+            load.requests -= 1
+            load.tokens -= num_tokens
+            if load.requests == 0 and target not in self.targets:
+                self._forget(target)  # its last request after removal: drained
+
+    def set_targets(self, targets: list[Target]) -> None:
+        """The new membership; targets that stay keep their load, statistics and health."""
+        with self._lock:
+            self.targets = list(dict.fromkeys(targets))
+            for target in self.targets:
+                self.load.setdefault(target, _Load())
+                self.decisions.setdefault(target, 0)
+                self._added(target)
+            for target in [t for t in self.load if t not in self.targets and self.load[t].requests == 0]:
+                self._forget(target)
+
+    def set_healthy(self, target: Target, healthy: bool) -> None:
+        with self._lock:
+            if healthy:
+                self.unhealthy.discard(target)
+            elif target in self.load:
+                self.unhealthy.add(target)
+
+    def adopt(self, previous: "Router") -> None:
+        """Take over another router's state (a policy change at runtime): in-flight requests end here."""
+        with previous._lock, self._lock:
+            for target, load in previous.load.items():
+                self.load[target] = load
+                self.decisions[target] = previous.decisions.get(target, 0)
+            self.unhealthy = {t for t in previous.unhealthy if t in self.load}
+            for target in [t for t in self.load if t not in self.targets and self.load[t].requests == 0]:
+                self._forget(target)
+
+    @property
+    def draining(self) -> list[Target]:
+        """Removed targets that still run requests."""
+        with self._lock:
+            return [t for t in self.load if t not in self.targets]
+
+    def snapshot(self) -> dict[Target, tuple[bool, bool, int, int]]:
+        """Every known target: (in rotation, healthy, requests in flight, decisions)."""
+        with self._lock:
+            return {t: (t in self.targets, t not in self.unhealthy, self.load[t].requests, self.decisions[t])
+                    for t in self.load}
+
+    def _added(self, target: Target) -> None:
+        """Hook for per-target state of a policy."""
+
+    def _forget(self, target: Target) -> None:
+        del self.load[target]
+        del self.decisions[target]
+        self.unhealthy.discard(target)
 
     def _load_of(self, target: Target) -> int:
         load = self.load[target]
@@ -95,10 +166,17 @@ class KvCacheAwareRouter(Router):
     def __init__(
         self, targets: list[Target], config: RouterConfig, block_size: int, capacity_blocks: int = 4096
     ) -> None:
-        super().__init__(targets, config)
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
-        self._cached: dict[Target, OrderedDict[int, None]] = {t: OrderedDict() for t in self.targets}
+        self._cached: dict[Target, OrderedDict[int, None]] = {}
+        super().__init__(targets, config)
+
+    def _added(self, target: Target) -> None:
+        self._cached.setdefault(target, OrderedDict())
+
+    def _forget(self, target: Target) -> None:
+        super()._forget(target)
+        self._cached.pop(target, None)
 
     def cached_tokens(self, target: Target, hashes: list[int]) -> int:
         index, matched = self._cached[target], 0

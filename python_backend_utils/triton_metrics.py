@@ -27,6 +27,22 @@ class GaugeSet:
                 gauge.set(float(values[name]))
 
 
+class LabelledGauges:
+    """One gauge family whose label sets appear at runtime (e.g. one per routed target)."""
+
+    def __init__(self, name: str, description: str, labels: dict[str, str]) -> None:
+        self._family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+        self._labels = labels
+        self._gauges: dict[tuple[tuple[str, str], ...], object] = {}
+
+    def set(self, labels: dict[str, str], value: float) -> None:
+        key = tuple(sorted(labels.items()))
+        gauge = self._gauges.get(key)
+        if gauge is None:
+            gauge = self._gauges[key] = self._family.Metric(labels={**self._labels, **labels})
+        gauge.set(float(value))
+
+
 ENGINE_METRICS = {
     "kv_blocks_total": "KV blocks in this instance's pool",
     "kv_blocks_free": "KV blocks on the free list",
@@ -62,4 +78,11 @@ ORCHESTRATOR_METRICS = {
     "context_phase_seconds_total": "time from request to first token, summed (divide by disaggregated_total)",
     "generation_phase_seconds_total": "time from first to last token, summed",
     "output_tokens_total": "tokens sent to clients",
+}
+
+ROUTER_METRICS = {
+    "disagg_router_targets": "1 for each instance in a router's rotation, by group, target and health "
+    "(healthy=\"false\": out of rotation until a health check passes); 0 once removed from the deployment",
+    "disagg_router_in_flight": "requests the orchestrator has in flight on each instance (a removed one drains to 0)",
+    "disagg_router_decisions_total": "requests routed to each instance",
 }

@@ -1,17 +1,20 @@
 """Disaggregated serving orchestrator (BLS): context instance, then generation instance.
 
 `execute` is async, so one instance drives many requests at once; the request path lives in
-python_backend_utils/orchestrator.py.
+python_backend_utils/orchestrator.py. A background thread (membership.py) follows edits of the
+deployment file and the health of remote instances.
 """
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 from python_backend_utils.deployment import Deployment
-from python_backend_utils.orchestrator import Orchestrator
+from python_backend_utils.membership import MembershipMonitor
+from python_backend_utils.orchestrator import GROUPS, Orchestrator
 from python_backend_utils.triton_io import model_parameters
-from python_backend_utils.triton_metrics import ORCHESTRATOR_METRICS, GaugeSet
+from python_backend_utils.triton_metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
 
 DEPLOYMENT_ENV = "TRITON_DISAGG_DEPLOYMENT"
 
@@ -21,20 +24,49 @@ class TritonPythonModel:
         parameters = model_parameters(args["model_config"])
         default = Path(__file__).resolve().parent.parent / "disagg_config.yaml"
         path = os.environ.get(DEPLOYMENT_ENV) or parameters.get("deployment_file") or default
-        self.orchestrator = Orchestrator(Deployment.load(path), int(parameters.get("context_block_size") or 16))
+        deployment = Deployment.load(path)
+        self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16))
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = GaugeSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
-        self.routed = {
-            target: GaugeSet("disagg_router", {"decisions_total": "requests routed to each instance"},
-                             {**labels, "target": str(target)})
-            for router in (self.orchestrator.context_router, self.orchestrator.generation_router)
-            for target in router.targets
-        }
+        self.router_gauges = {name: LabelledGauges(name, description, labels)
+                              for name, description in ROUTER_METRICS.items()}
+        self._published: set[tuple[str, str]] = set()
+        self._publish_lock = threading.Lock()
+        self.monitor = MembershipMonitor(deployment, path, self.orchestrator.remote_targets, self.orchestrator.apply,
+                                         self.orchestrator.set_health, self._publish_membership)
+        self.orchestrator.on_unreachable = self.monitor.unreachable
+        self._publish_membership()
+        self.monitor.start()
 
     async def execute(self, requests):
         await asyncio.gather(*(self.orchestrator.serve(request) for request in requests))
         self.gauges.publish(self.orchestrator.stats.as_metrics())
-        for router in (self.orchestrator.context_router, self.orchestrator.generation_router):
-            for target, count in router.decisions.items():
-                self.routed[target].publish({"decisions_total": count})
+        self._publish_membership()
         return None
+
+    def finalize(self):
+        self.monitor.stop()
+
+    def _publish_membership(self) -> None:
+        """Every target each router knows (in rotation or draining); removed ones drop to 0."""
+        with self._publish_lock:
+            seen = set()
+            for group in GROUPS:
+                snapshot = self.orchestrator.routers[group].snapshot()
+                for target, (member, healthy, in_flight, decisions) in snapshot.items():
+                    key = (group, str(target))
+                    seen.add(key)
+                    self._set_target(key, member and healthy, member and not healthy)
+                    self.router_gauges["disagg_router_in_flight"].set({"group": group, "target": key[1]}, in_flight)
+                    self.router_gauges["disagg_router_decisions_total"].set({"group": group, "target": key[1]},
+                                                                            decisions)
+            for key in self._published - seen:
+                self._set_target(key, False, False)
+                self.router_gauges["disagg_router_in_flight"].set({"group": key[0], "target": key[1]}, 0)
+            self._published = seen
+
+    def _set_target(self, key: tuple[str, str], healthy: bool, unhealthy: bool) -> None:
+        group, target = key
+        gauges = self.router_gauges["disagg_router_targets"]
+        gauges.set({"group": group, "target": target, "healthy": "true"}, healthy)
+        gauges.set({"group": group, "target": target, "healthy": "false"}, unhealthy)
