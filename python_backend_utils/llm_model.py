@@ -144,7 +144,7 @@ class LLMModel:
         if self.transfer is not None:
             t = self.transfer.metrics()
             values.update({
-                "kv_bytes_received_total": t["bytes_received"] + t["bytes_read_shared"],
+                "kv_bytes_received_total": t["bytes_received"],  # shared-memory reads included
                 "kv_bytes_sent_total": t["bytes_sent"],
                 "kv_pulls_completed_total": t["pulls_completed"],
                 "kv_pulls_failed_total": t["pulls_failed"],
