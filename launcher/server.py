@@ -196,17 +196,21 @@ class TritonServer:
                 output.close()
 
     def _wait_until_ready(self) -> None:
+        """Ready models, and the metrics port listening too: Triton opens it a moment after the others."""
         assert self._process is not None
-        url = f"http://{self.urls.http}/v2/health/ready"
+        pending = [f"http://{self.urls.http}/v2/health/ready", f"http://{self.urls.metrics}/metrics"]
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             status = self._process.poll()
             if status is not None:
                 raise ServerStartError(f"tritonserver exited with status {status}{self._log_hint()}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
+                with urllib.request.urlopen(pending[0], timeout=2) as response:
                     if response.status == 200:
-                        return
+                        pending.pop(0)
+                        if not pending:
+                            return
+                        continue
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)

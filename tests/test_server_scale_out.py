@@ -189,7 +189,9 @@ def test_a_frozen_context_server_leaves_rotation_and_comes_back(cluster, aggrega
         fallbacks = sum(metric_values(orchestrator, "disagg_orchestrator_context_fallbacks_total").values())
         # Out of rotation: the generation server prefills, nothing waits on the frozen one.
         assert generate(orchestrator, "ensemble", PROMPTS[1]) == aggregated_answers[PROMPTS[1]]
-        assert sum(metric_values(orchestrator, "disagg_orchestrator_context_fallbacks_total").values()) == fallbacks + 1
+        # The orchestrator publishes its counters once a request's `execute` returns, just after its last answer.
+        wait_until(lambda: sum(metric_values(orchestrator, "disagg_orchestrator_context_fallbacks_total").values())
+                   == fallbacks + 1, timeout_s=10)
     finally:
         os.killpg(context.pid, signal.SIGCONT)
     wait_until(lambda: cluster.membership("context", "context") == {"true": 1, "false": 0}, timeout_s=15)
