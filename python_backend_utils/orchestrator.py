@@ -171,6 +171,12 @@ class Orchestrator:
             if not isinstance(error, (InvalidRequestError, RequestAbortedError)):
                 logger.exception("disaggregated request failed")
             sender.send(error_response(error), flags=FINAL)
+        except asyncio.CancelledError:
+            # Not an Exception: without this the client would wait for an answer that never comes.
+            logger.exception("disaggregated request cancelled inside the orchestrator")
+            sender.send(error_response(WorkerFailed("a call to a worker was cancelled inside the orchestrator")),
+                        flags=FINAL)
+            raise
 
     async def _serve(self, request, sender) -> None:
         self.stats.requests += 1
