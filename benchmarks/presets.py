@@ -25,7 +25,7 @@ from pathlib import Path
 from client import benchmark
 from launcher import TritonServer
 from launcher.cli import MODES
-from launcher.ports import free_port
+from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = "aggregated" if args.preset == "aggregated" else "disaggregated"
         server = TritonServer(
             repository,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
+            **free_server_ports(),
             models=MODES[mode],
             log_file=args.out_dir / "server.log",
         )

@@ -5,8 +5,22 @@ from __future__ import annotations
 import socket
 
 
-def free_port() -> int:
-    """A port nothing listens on now (the OS picks it; another process could still take it first)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on now (another process could still take one first).
+
+    They are held open together while chosen: ports picked one at a time can repeat, and a
+    tritonserver given the same port for HTTP and gRPC refuses to start."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_server_ports() -> dict[str, int]:
+    """`http_port`, `grpc_port` and `metrics_port` for a TritonServer, all distinct."""
+    http, grpc, metrics = free_ports(3)
+    return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}

@@ -8,7 +8,7 @@ import pytest
 
 from launcher import TritonServer
 from launcher.cli import MODES
-from launcher.ports import free_port
+from launcher.ports import free_server_ports
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +17,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
     and `ensemble_aggregated`, with every model they reach."""
     log_file = tmp_path_factory.mktemp("tritonserver") / "server.log"
     server = TritonServer(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_server_ports(),
         models=MODES["both"],
         log_file=log_file,
     )

@@ -16,7 +16,7 @@ import pytest
 from launcher.cli import banner
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.server import ServerStartError, TritonServer
-from tests.conftest import free_port
+from launcher.ports import free_ports, free_server_ports
 
 ECHO_CONFIG = """
 name: "{name}"
@@ -132,9 +132,7 @@ def test_failed_start_is_retried_once_and_leaves_nothing_behind(tmp_path):
     regions_before = our_shm_regions()
     server = TritonServer(
         repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_server_ports(),
         log_file=tmp_path / "server.log",
         ready_timeout_s=120,
     )
@@ -150,7 +148,7 @@ def test_failed_start_is_retried_once_and_leaves_nothing_behind(tmp_path):
 @pytest.mark.integration
 def test_cli_serves_until_sigterm_then_stops_the_server(tmp_path):
     repository = write_model(tmp_path / "repo", "echo")
-    http_port = free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     cli = subprocess.Popen(
         [
             sys.executable,
@@ -159,8 +157,8 @@ def test_cli_serves_until_sigterm_then_stops_the_server(tmp_path):
             f"--model-repository={repository}",
             "--load-model=echo",
             f"--http-port={http_port}",
-            f"--grpc-port={free_port()}",
-            f"--metrics-port={free_port()}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

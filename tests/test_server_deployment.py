@@ -20,7 +20,7 @@ from launcher import TritonServer
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from python_backend_utils.tokenizer import load_tokenizer
-from tests.conftest import free_port
+from launcher.ports import free_server_ports
 from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, metric_values  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -53,9 +53,7 @@ def server(tmp_path_factory):
                       tuple(map(Setting.parse, settings)))
     triton = TritonServer(
         repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_server_ports(),
         models=["ensemble", "context", "generation"],
         log_file=work / "server.log",
     )

@@ -19,7 +19,7 @@ import pytest
 from launcher import TritonServer
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.conftest import free_port
+from launcher.ports import free_server_ports
 from tests.test_server_disaggregated import PROMPTS, generate, metric_values, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
@@ -39,9 +39,7 @@ def layout_server(tmp_path_factory):
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml", tuple(map(Setting.parse, settings)))
     server = TritonServer(
         repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_server_ports(),
         models=["ensemble", "context", "generation", "ensemble_aggregated"],
         log_file=repository.parent / "server.log",
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from launcher import TritonServer
-from launcher.ports import free_port
+from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, wait_for_idle_kv  # noqa: F401
@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     settings += [f"{model}.kv_cache_memory_bytes={128 << 20}" for model in ("context", "generation")]
     repository = work / "model_repository"
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml", tuple(map(Setting.parse, settings)))
-    triton = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+    triton = TritonServer(repository, **free_server_ports(),
                           models=["ensemble", "context", "generation"], log_file=work / "server.log")
     try:
         triton.start()

@@ -23,7 +23,7 @@ from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.repository import set_parameter
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.conftest import free_port
+from launcher.ports import free_server_ports
 from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, metric_values  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ class Cluster:
 
     def server(self, name: str, models: list[str]) -> TritonServer:
         self.servers[name] = TritonServer(
-            self.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            self.repository, **free_server_ports(),
             models=models, log_file=self.work / f"{name}.log",
         )
         return self.servers[name]
