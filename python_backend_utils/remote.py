@@ -62,8 +62,12 @@ class RemoteStream:
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
         """The next response's outputs, or None at the end; raises asyncio.TimeoutError, ClientError
-        or WorkerFailed (TargetUnreachable when the server could not be reached or went away)."""
-        while True:
+        or WorkerFailed (TargetUnreachable when the server could not be reached or went away).
+
+        Once the final response has come the call is never read again: ending the stream may close
+        the client of a server that left the deployment, and reading a call of a closed client
+        raises CancelledError."""
+        while not self._ended:
             try:
                 result, error = await asyncio.wait_for(self._call.__anext__(), timeout)
             except StopAsyncIteration:
@@ -80,10 +84,9 @@ class RemoteStream:
             final = response.parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 self._end()
-                if not outputs:
-                    return None
             if outputs:
                 return outputs
+        return None
 
     def cancel(self) -> None:
         if not self._ended:

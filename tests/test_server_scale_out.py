@@ -148,10 +148,6 @@ def test_a_remote_workers_refusal_is_the_clients_error(cluster):
     assert (count("context_retries_total"), count("context_fallbacks_total")) == (retries, fallbacks)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "seen in 1 of 3 full fresh-clone runs: a request running on the removed server got no final "
-    "answer (a CancelledError escaped the orchestrator; it now ends the request with an error). "
-    "Cause not found yet; see the session 2 notes."))
 def test_a_generation_server_added_to_the_file_takes_traffic_and_drains_when_removed(
     cluster, triton_server, aggregated_answers
 ):
