@@ -69,7 +69,11 @@ def test_64_streaming_clients_get_every_answer_and_leave_nothing_behind(triton_s
     finished = [t for t in phase.timings if t.final_at is not None]
     errors = [t.error for t in phase.timings if t.error]
     assert errors == []
-    assert len(finished) >= CLIENTS  # the server kept up, not just survived
+    # The server kept up, not just survived: throughput held at least half of the warm-up's (the
+    # same load on the same machine; a fixed count would measure the machine, not the server).
+    warmup_rate, soak_rate = CLIENTS / warmup.duration_s, len(finished) / phase.duration_s
+    assert soak_rate >= 0.5 * warmup_rate, (
+        f"{len(finished)} answers in {phase.duration_s:.0f} s after {CLIENTS} in {warmup.duration_s:.0f} s of warm-up")
     assert all(t.response_times for t in finished)
 
     used = wait_for_idle_kv(triton_server, timeout_s=60)  # requests cut at the deadline run out in the server
