@@ -9,6 +9,7 @@ import pytest
 from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.ports import free_server_ports
+from tests.server_helpers import PROMPTS, generate
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +27,9 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def aggregated_answers(triton_server: TritonServer) -> dict[str, str]:
+    """The session server's aggregated answer to each of PROMPTS: what every other path must equal."""
+    return {prompt: generate(triton_server, "ensemble_aggregated", prompt) for prompt in PROMPTS}

@@ -26,7 +26,7 @@ from kv_transfer import KVHandle, KVLayout
 from kv_transfer.layout import SharedPool
 from kv_transfer.liveness import ProcessIdentity
 from python_backend_utils.messages import ContextPhaseParams
-from tests.test_server_disaggregated import metric_values, wait_for_idle_kv
+from tests.server_helpers import metric_values, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from python_backend_utils.tokenizer import load_tokenizer
 from launcher.ports import free_server_ports
-from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, metric_values  # noqa: F401
+from tests.server_helpers import PROMPTS, generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +77,6 @@ def decisions(server, model: str) -> dict[int, float]:
 
 def orchestrator_count(server, name: str) -> float:
     return sum(metric_values(server, f"disagg_orchestrator_{name}").values())
-
-
-def wait_until(condition, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval_s)
-    return result
 
 
 def kv_blocks_used(server) -> dict[str, float]:
@@ -217,5 +209,6 @@ def test_cancelling_a_disaggregated_stream_frees_its_kv_on_both_sides(server):
     client.close()
     cancelled = time.monotonic()
     wait_until(lambda: not any(kv_blocks_used(server).values()), timeout_s=5, interval_s=0.05)
-    assert time.monotonic() - cancelled < 1.5, "KV was freed, but later than a second after the cancellation"
+    freed_after_s = time.monotonic() - cancelled
+    assert freed_after_s < 1.0, f"KV was freed {freed_after_s:.2f} s after the cancellation: over a second"
     assert orchestrator_count(server, "cancelled_total") >= 1

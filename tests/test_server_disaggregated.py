@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from client.generate import GenerateRequest, infer_inputs
+from tests.server_helpers import PROMPTS, generate, metric_values, wait_for_idle_kv
 from tests.test_server_generate import post_json, stream_results
 
 pytestmark = pytest.mark.integration
-
-# Prompts from one token to a few hundred, so block boundaries, partial blocks and multi-block
-# transfers all occur (the context instances' blocks hold 16 tokens).
-PROMPTS = [
-    "Hi",
-    "The capital of France is",
-    "def quicksort(items):\n    ",
-    "Write a haiku about the sea.",
-    " ".join(f"item {i}," for i in range(60)) + " and the next item is",
-    "The history of the printing press begins in " + "the fifteenth century, " * 30 + "when",
-]
-
-
-def generate(server, model: str, prompt: str, max_tokens: int = 12) -> str:
-    body = {"text_input": prompt, "max_tokens": max_tokens, "exclude_input_in_output": True}
-    return json.loads(post_json(f"http://{server.urls.http}/v2/models/{model}/generate", body))["text_output"]
-
-
-@pytest.fixture(scope="module")
-def aggregated_answers(triton_server) -> dict[str, str]:
-    return {prompt: generate(triton_server, "ensemble_aggregated", prompt) for prompt in PROMPTS}
 
 
 def test_disaggregated_output_equals_aggregated_for_every_prompt_length(triton_server, aggregated_answers):
@@ -76,31 +55,6 @@ def test_log_probs_match_between_paths(triton_server):
     np.testing.assert_allclose(
         disaggregated.as_numpy("output_log_probs"), aggregated.as_numpy("output_log_probs"), rtol=1e-4, atol=1e-5
     )
-
-
-def metric_values(server, name: str) -> dict[str, float]:
-    """Every sample of one metric on the metrics port, by its label text."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{server.urls.metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name):].rsplit(" ", 1)
-            values[labels] = float(value)
-    return values
-
-
-def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        used = metric_values(server, "disagg_kv_blocks_used")
-        if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
-            return used
-        time.sleep(0.2)
 
 
 def test_metrics_show_transfers_and_every_block_returns(triton_server):

@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ from launcher import TritonServer
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from launcher.ports import free_server_ports
-from tests.test_server_disaggregated import PROMPTS, generate, metric_values, wait_for_idle_kv
+from tests.server_helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
 
@@ -62,22 +61,8 @@ def test_block_size_and_dtype_conversion_keeps_the_tokens(layout_server, baselin
     assert all(decisions[k] >= 2 for k in decisions if "context/" in k), decisions  # round robin used both
 
 
-def context_stub_pids(server, version: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "triton_python_backend_stub" in cmdline and f"{server.model_repository}/context/{version}/model.py" in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
 def test_killing_a_context_instance_loses_no_request(layout_server, baseline):
-    [victim] = context_stub_pids(layout_server, 1)
+    [victim] = stub_pids(layout_server, "context", 1)
     prompts = PROMPTS * 2
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(generate, layout_server, "ensemble", p) for p in prompts]

@@ -14,7 +14,6 @@ import signal
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, wait_for_idle_kv  # noqa: F401
+from tests.server_helpers import PROMPTS, generate, stub_pids, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
 
@@ -50,18 +49,8 @@ def server(tmp_path_factory):
 
 
 def stub_pid(server, model: str) -> int:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "triton_python_backend_stub" in cmdline and f"{server.model_repository}/{model}/1/model.py" in cmdline:
-            pids.append(int(entry))
-    assert len(pids) == 1, pids
-    return pids[0]
+    [pid] = stub_pids(server, model)
+    return pid
 
 
 def outcome(server, prompt: str) -> tuple[str, str]:

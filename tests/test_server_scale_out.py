@@ -24,7 +24,7 @@ from launcher.cli import MODES
 from launcher.repository import set_parameter
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from launcher.ports import free_server_ports
-from tests.test_server_disaggregated import PROMPTS, aggregated_answers, generate, metric_values  # noqa: F401
+from tests.server_helpers import PROMPTS, generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +46,6 @@ def rewrite(path: Path, text: str) -> None:
     partial = path.with_suffix(".new")
     partial.write_text(text)
     os.replace(partial, path)
-
-
-def wait_until(condition, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval_s)
-    return result
 
 
 class Cluster:

@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 
 from client.generate import GenerateRequest, infer_inputs
 from client.load_generator import run_load, stream_request
-from tests.test_server_disaggregated import PROMPTS, wait_for_idle_kv
+from tests.server_helpers import PROMPTS, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,72 @@
+"""What the tests that start a tritonserver share: prompts, requests, metrics, waiting, stub processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.test_server_generate import post_json
+
+# Prompts from one token to a few hundred, so block boundaries, partial blocks and multi-block
+# transfers all occur (the context instances' blocks hold 16 tokens).
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "def quicksort(items):\n    ",
+    "Write a haiku about the sea.",
+    " ".join(f"item {i}," for i in range(60)) + " and the next item is",
+    "The history of the printing press begins in " + "the fifteenth century, " * 30 + "when",
+]
+
+
+def generate(server, model: str, prompt: str, max_tokens: int = 12) -> str:
+    body = {"text_input": prompt, "max_tokens": max_tokens, "exclude_input_in_output": True}
+    return json.loads(post_json(f"http://{server.urls.http}/v2/models/{model}/generate", body))["text_output"]
+
+
+def metric_values(server, name: str) -> dict[str, float]:
+    """Every sample of one metric on the metrics port, by its label text."""
+    with urllib.request.urlopen(f"http://{server.urls.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            values[labels] = float(value)
+    return values
+
+
+def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = metric_values(server, "disagg_kv_blocks_used")
+        if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
+            return used
+        time.sleep(0.2)
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.1):
+    """The condition's first truthy value; fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval_s)
+    return result
+
+
+def stub_pids(server, model: str, version: int = 1) -> list[int]:
+    """The Python-backend stub processes of one model version on this server."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in cmdline and f"{server.model_repository}/{model}/{version}/model.py" in cmdline:
+            pids.append(int(entry))
+    return pids
