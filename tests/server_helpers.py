@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.test_server_generate import post_json
+import tritonclient.grpc as grpcclient
 
 # Prompts from one token to a few hundred, so block boundaries, partial blocks and multi-block
 # transfers all occur (the context instances' blocks hold 16 tokens).
@@ -20,6 +21,32 @@ PROMPTS = [
     " ".join(f"item {i}," for i in range(60)) + " and the next item is",
     "The history of the printing press begins in " + "the fifteenth century, " * 30 + "when",
 ]
+
+
+def stream_results(url: str, model: str, inputs: list[grpcclient.InferInput]) -> list[grpcclient.InferResult]:
+    """Every response of one gRPC streaming request that carries outputs."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    results = []
+    try:
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            if result.get_output("text_output") is not None:
+                results.append(result)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return results
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def post_json(url: str, body: dict) -> bytes:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read()
 
 
 def generate(server, model: str, prompt: str, max_tokens: int = 12) -> str:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from client.generate import GenerateRequest, infer_inputs
-from tests.server_helpers import PROMPTS, generate, metric_values, wait_for_idle_kv
-from tests.test_server_generate import post_json, stream_results
+from tests.server_helpers import PROMPTS, generate, metric_values, post_json, stream_results, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
 

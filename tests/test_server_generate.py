@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,38 +15,13 @@ import tritonclient.http as httpclient
 
 from client.generate import GenerateRequest, generate_grpc, generate_http, infer_inputs
 from python_backend_utils.tokenizer import load_tokenizer
+from tests.server_helpers import post_json, stream_results
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "The capital of France is"
 # Greedy SmolLM2-135M-Instruct does not reach its end token within these many tokens of PROMPT.
 MAX_TOKENS = 16
-
-
-def stream_results(url: str, model: str, inputs: list[grpcclient.InferInput]) -> list[grpcclient.InferResult]:
-    """Every response of one gRPC streaming request that carries outputs."""
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    results = []
-    try:
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        while True:
-            result, error = responses.get(timeout=120)
-            assert error is None, error
-            if result.get_output("text_output") is not None:
-                results.append(result)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return results
-    finally:
-        client.stop_stream()
-        client.close()
-
-
-def post_json(url: str, body: dict) -> bytes:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read()
 
 
 def test_greedy_answer_names_paris(triton_server):
