@@ -119,6 +119,7 @@ class Orchestrator:
         # Told when a routed request could not reach a remote target (the membership monitor).
         self.on_unreachable: Callable[[Target], None] = lambda target: None
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
+        self._loop_with_executor: asyncio.AbstractEventLoop | None = None
 
     @property
     def context_router(self) -> Router:
@@ -161,6 +162,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------ requests
     async def serve(self, request) -> None:
+        self._use_executor_for_bls()
         sender = request.get_response_sender()
         try:
             await self._serve(request, sender)
@@ -177,6 +179,15 @@ class Orchestrator:
             sender.send(error_response(WorkerFailed("a call to a worker was cancelled inside the orchestrator")),
                         flags=FINAL)
             raise
+
+    def _use_executor_for_bls(self) -> None:
+        """`InferenceRequest.async_exec` runs on the loop's default executor and holds a thread until
+        the first response: with the default's min(32, cores + 4) threads (6 here), a burst of
+        requests would wait in that queue before any of them reached a worker."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop_with_executor:
+            loop.set_default_executor(self._executor)
+            self._loop_with_executor = loop
 
     async def _serve(self, request, sender) -> None:
         self.stats.requests += 1
