@@ -8,11 +8,16 @@ path; each path gets prompts of its own (a shared prompt would be served from a 
     disaggregated_serving_bls  BLS -> context + generation, token ids in and out
     generation                 one engine, both phases, token ids in and out
     aggregated                 the same engine role as in ensemble_aggregated
+    context                    the context phase alone: first token and KV handle (TTFT only)
 
 Per path: TTFT and inter-token latency (ITL) p50/p90 in ms. The orchestration overhead is a
 path's ITL p50 minus `generation`'s: every token of a disaggregated request passes through the
 BLS (and, for `ensemble`, postprocessing). The paths are interleaved request by request, so
-a slow spell of the machine hits them all alike.
+a slow spell of the machine hits them all alike. `context` splits the disaggregated TTFT into
+the context model's own work and the BLS around it.
+
+With the default model a decode step (~95 ms here) varies by more than the hops cost; serve the
+2-layer model of `benchmarks.tiny_model` to resolve them.
 
     .venv/bin/disagg-serve --mode both &
     .venv/bin/python -m benchmarks.orchestration_overhead --url localhost:8001 --requests 20
@@ -35,7 +40,7 @@ from client.datasets import PromptCutter, corpus_text
 from client.generate import infer_inputs
 
 TEXT_PATHS = ("ensemble", "ensemble_aggregated")
-TOKEN_PATHS = ("disaggregated_serving_bls", "generation", "aggregated")
+TOKEN_PATHS = ("disaggregated_serving_bls", "generation", "aggregated", "context")
 
 
 @dataclass
@@ -120,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p50 over `generation` ms | responses/request |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for path, t in timings.items():
+        ttft = f"| {path} | {statistics.median(t.ttft_ms):.1f} | {percentile(t.ttft_ms, 90):.1f} "
+        if not t.itl_ms:  # one response per request (`context`)
+            print(f"{ttft}| - | - | - | {statistics.mean(t.tokens):.1f} |")
+            continue
         itl50 = statistics.median(t.itl_ms)
         over = f"{itl50 - baseline:+.2f}" if baseline is not None else "-"
-        print(f"| {path} | {statistics.median(t.ttft_ms):.1f} | {percentile(t.ttft_ms, 90):.1f} | {itl50:.2f} "
-              f"| {percentile(t.itl_ms, 90):.2f} | {over} | {statistics.mean(t.tokens):.1f} |")
+        print(f"{ttft}| {itl50:.2f} | {percentile(t.itl_ms, 90):.2f} | {over} | {statistics.mean(t.tokens):.1f} |")
     return 0
 
 
