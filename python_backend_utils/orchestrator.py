@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from python_backend_utils.membership import diff_targets, group_targets
 from python_backend_utils.messages import RequestOutput
 from python_backend_utils.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
 from python_backend_utils.routing import NoTargetError, Router, Target, make_router
+from python_backend_utils.stub_recovery import is_dead_stub_error
 from python_backend_utils.triton_io import ResponseAssembler, generation_request, request_inputs
 
 logger = logging.getLogger(__name__)
@@ -44,30 +46,51 @@ CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 MAX_REQUESTS_IN_FLIGHT = 256
 _END = object()
 STOP_TIMEOUT_S = 5.0
+# A request on an instance of this server that has been silent this long makes the orchestrator
+# check that the instance's stub process still lives: requests running in a stub that died get
+# no answer ever again, and the timeouts of a generation call are long.
+CHECK_STUB_AFTER_S = 2.0
 GROUPS = ("context", "generation")
 
 
-class LocalStream:
-    """Async access to the blocking response iterator of a BLS request to a model on this server."""
+class StubDied(WorkerFailed):
+    """The instance on this server lost its stub process: it fails every request until reloaded."""
 
-    def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target) -> None:
+
+async def wait_plainly(future: asyncio.Future, timeout: float):
+    return await asyncio.wait_for(asyncio.shield(future), timeout)
+
+
+class LocalStream:
+    """Async access to the blocking response iterator of a BLS request to a model on this server.
+
+    `wait(future, timeout)` waits for each response: the orchestrator's checks the instance's
+    stub while it waits."""
+
+    def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target,
+                 wait: Callable[[asyncio.Future, float], Awaitable] = wait_plainly) -> None:
         self._iterator = iterator
         self._executor = executor
         self._where = where
+        self._wait = wait
+        self._pending: asyncio.Future | None = None
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
         """The next response's outputs, or None at the end; raises asyncio.TimeoutError,
         ClientError (the worker said INVALID_ARG) or WorkerFailed."""
         while True:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator, _END)
-            response = await asyncio.wait_for(asyncio.shield(future), timeout)
+            if self._pending is None:  # a wait that timed out leaves its read running: the next call takes it up
+                self._pending = asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator, _END)
+            response = await self._wait(self._pending, timeout)
+            self._pending = None
             if response is _END:
                 return None
             if response.has_error():
                 error = response.error()
                 if error.code() == pb_utils.TritonError.INVALID_ARG:
                     raise ClientError(error.message())
-                raise WorkerFailed(f"{self._where}: {error.message()}")
+                failure = StubDied if is_dead_stub_error(error.message()) else WorkerFailed
+                raise failure(f"{self._where}: {error.message()}")
             outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
             if outputs:
                 return outputs
@@ -118,6 +141,14 @@ class Orchestrator:
         self.stats = OrchestratorStats()
         # Told when a routed request could not reach a remote target (the membership monitor).
         self.on_unreachable: Callable[[Target], None] = lambda target: None
+        # Told when an instance on this server lost its stub (by every request that finds out).
+        self.on_stub_died: Callable[[Target], None] = lambda target: None
+        # Whether the stub process of an instance on this server lives (stub_recovery.stub_running).
+        self.stub_running: Callable[[Target], bool] = lambda target: True
+        # Bumped when a local target's stub is found dead and when its replacement is ready: a
+        # request opened under an older count runs on a stub that is gone, whatever runs now.
+        self._stub_generations: dict[Target, int] = {}
+        self._stub_checks: dict[Target, tuple[float, bool]] = {}  # when stub_running was last asked, and its answer
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
         self._loop_with_executor: asyncio.AbstractEventLoop | None = None
 
@@ -317,18 +348,59 @@ class Orchestrator:
             requested_output_names=outputs,
             request_id=worker_id,
         )
-        # Submitting can itself hang on an instance whose stub died: bound it like every wait. (It
-        # returns with the request's first response, so the bound covers queueing there too.)
+        # Submitting returns with the request's first response, so it waits like every response.
+        wait = functools.partial(self._wait_while_alive, target, self._stub_generations.get(target, 0))
         try:
-            iterator = await asyncio.wait_for(inner.async_exec(decoupled=True), timeout)
+            iterator = await wait(asyncio.ensure_future(inner.async_exec(decoupled=True)), timeout)
         except asyncio.TimeoutError:
             raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
-        return LocalStream(iterator, self._executor, target)
+        return LocalStream(iterator, self._executor, target, wait)
+
+    async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
+        """`future`'s result within `timeout`, checking the target's stub process whenever the wait
+        has lasted CHECK_STUB_AFTER_S; raises StubDied as soon as the process is gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), min(CHECK_STUB_AFTER_S, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            if self._stub_generations.get(target, 0) != generation or not self._stub_seen_running(target):
+                raise StubDied(f"{target}: its stub process died while the request ran there")
+
+    async def _stop_local(self, target: Target, worker_id: str) -> None:
+        stop = pb_utils.InferenceRequest(
+            model_name=target.model_name,
+            model_version=target.version,
+            inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
+            requested_output_names=[],
+            request_id=worker_id,
+        )
+        submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
+        await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
+
+    def _stub_seen_running(self, target: Target) -> bool:
+        """`stub_running`, looked up at most once per CHECK_STUB_AFTER_S / 2 for all the requests waiting."""
+        now = time.monotonic()
+        checked_at, running = self._stub_checks.get(target, (0.0, True))
+        if now - checked_at >= CHECK_STUB_AFTER_S / 2:
+            running = self.stub_running(target)
+            self._stub_checks[target] = (now, running)
+        return running
+
+    def stub_replaced(self, target: Target) -> None:
+        """The stub of a local target died or was replaced: requests opened before run on a dead one."""
+        self._stub_generations[target] = self._stub_generations.get(target, 0) + 1
 
     async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
-        """After a failed call: an unreachable server leaves rotation, a reachable one is told to stop."""
+        """After a failed call: an unreachable server or a dead stub leaves rotation, a live one is told to stop."""
         if isinstance(error, TargetUnreachable):
             self.on_unreachable(target)
+        elif isinstance(error, StubDied) and not self.stub_running(target):  # Triton calls a frozen stub unhealthy too
+            self.stub_replaced(target)
+            self.on_stub_died(target)
         else:
             await self._stop(target, worker_id)
 
@@ -340,14 +412,6 @@ class Orchestrator:
                     self.remote.stop(target.url, target.model_name, target.version, worker_id, STOP_TIMEOUT_S),
                     2 * STOP_TIMEOUT_S)
                 return
-            stop = pb_utils.InferenceRequest(
-                model_name=target.model_name,
-                model_version=target.version,
-                inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
-                requested_output_names=[],
-                request_id=worker_id,
-            )
-            submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
-            await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
+            await self._stop_local(target, worker_id)
         except Exception:  # noqa: BLE001 - a dead instance has nothing left to stop
             logger.info("could not stop %s on %s", worker_id, target)

@@ -1,5 +1,5 @@
 """Faults under load: every request completes correctly or ends with a clear error, none hangs,
-and after a context fault the service still answers correctly.
+and afterwards the service is whole again: a killed stub is replaced and serves.
 
 A server of its own (one context and one generation instance), so that killing and freezing
 its stubs cannot disturb other tests. The reference answers come from the session server's
@@ -21,7 +21,7 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.server_helpers import PROMPTS, generate, stub_pids, wait_for_idle_kv
+from tests.server_helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,26 @@ def server(tmp_path_factory):
 def stub_pid(server, model: str) -> int:
     [pid] = stub_pids(server, model)
     return pid
+
+
+def total(server, name: str) -> float:
+    return sum(metric_values(server, name).values())
+
+
+def reloads(server) -> float:
+    return total(server, "disagg_orchestrator_stub_reloads_total")
+
+
+def wait_for_replacement(server, model: str, victim: int, reloads_before: float) -> None:
+    """The orchestrator reloaded the dead instance, which runs a new stub and is back in rotation."""
+    wait_until(lambda: reloads(server) > reloads_before, timeout_s=180, interval_s=1)
+    assert stub_pids(server, model) not in ([], [victim])
+    assert in_rotation(server, model)
+
+
+def in_rotation(server, model: str) -> bool:
+    return [value for labels, value in metric_values(server, "disagg_router_targets").items()
+            if f'target="{model}/1"' in labels and 'healthy="true"' in labels] == [1]
 
 
 def outcome(server, prompt: str) -> tuple[str, str]:
@@ -88,13 +108,14 @@ def check(results, answers) -> dict[str, int]:
     return counts
 
 
-# The tests run in this order, each leaving the server as the next expects it: Triton 2.51 was
-# not seen to restart a killed stub of these models within minutes, so the kills come last.
+# The tests run in this order, each leaving the server whole for the next. Triton 2.51 never
+# restarts the stub of a decoupled model: the orchestrator reloads the instance (stub_recovery.py).
 
 
 def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answers):
     """A transfer peer that stops answering: context calls time out and pulls from it fail at
-    their timeout; the prompts are prefilled on the generation instance instead."""
+    their timeout; the prompts are prefilled on the generation instance instead. (Triton's own
+    check of the stub fails too, so the orchestrator may replace it meanwhile.)"""
     victim = stub_pid(server, "context")
 
     def freeze():
@@ -108,21 +129,35 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
     assert_serves_correctly(server, aggregated_answers)
     used = wait_for_idle_kv(server, timeout_s=60)
     assert used and all(v == 0 for v in used.values()), used
+    wait_until(lambda: len(stub_pids(server, "context")) == 1 and in_rotation(server, "context"), timeout_s=180)
 
 
 def test_2_context_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "context")
+    reloads_before = reloads(server)
     counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL)), aggregated_answers)
     print("context stub SIGKILL:", counts)
     assert counts["correct"] == 8  # prefilled on the generation instance instead: nothing is lost
     assert_serves_correctly(server, aggregated_answers)  # and so are the requests that follow
 
+    wait_for_replacement(server, "context", victim, reloads_before)
+    fallbacks = total(server, "disagg_orchestrator_context_fallbacks_total")
+    disaggregated = total(server, "disagg_orchestrator_disaggregated_total")
+    assert_serves_correctly(server, aggregated_answers)
+    # Counters are published once a request's `execute` returns, just after its last answer.
+    wait_until(lambda: total(server, "disagg_orchestrator_disaggregated_total") >= disaggregated + 3, timeout_s=10)
+    assert total(server, "disagg_orchestrator_context_fallbacks_total") == fallbacks  # prefilled on context again
+
 
 def test_3_generation_stub_killed_under_load(server, aggregated_answers):
     """What was streaming there cannot be saved: it must end with an error that says so, at once."""
     victim = stub_pid(server, "generation")
+    reloads_before = reloads(server)
     started = time.monotonic()
     counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), settle_s=3.0), aggregated_answers)
     print("generation stub SIGKILL:", counts, f"{time.monotonic() - started:.1f} s")
     assert counts["error"] >= 1
     assert time.monotonic() - started < 60  # errors come fast, not at a timeout
+
+    wait_for_replacement(server, "generation", victim, reloads_before)
+    assert_serves_correctly(server, aggregated_answers)

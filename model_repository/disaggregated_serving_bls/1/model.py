@@ -2,7 +2,8 @@
 
 `execute` is async, so one instance drives many requests at once; the request path lives in
 python_backend_utils/orchestrator.py. A background thread (membership.py) follows edits of the
-deployment file and the health of remote instances.
+deployment file and the health of remote instances. An instance on this server whose stub died
+is reloaded (stub_recovery.py).
 """
 
 import asyncio
@@ -10,9 +11,13 @@ import os
 import threading
 from pathlib import Path
 
+import triton_python_backend_utils as pb_utils
+
 from python_backend_utils.deployment import Deployment
 from python_backend_utils.membership import MembershipMonitor
 from python_backend_utils.orchestrator import GROUPS, Orchestrator
+from python_backend_utils.routing import Target
+from python_backend_utils.stub_recovery import StubRecovery, stub_running
 from python_backend_utils.triton_io import model_parameters
 from python_backend_utils.triton_metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
 
@@ -35,14 +40,32 @@ class TritonPythonModel:
         self.monitor = MembershipMonitor(deployment, path, self.orchestrator.remote_targets, self.orchestrator.apply,
                                          self.orchestrator.set_health, self._publish_membership)
         self.orchestrator.on_unreachable = self.monitor.unreachable
+        self.repository = Path(args["model_repository"]).parent
+        self.recovery = StubRecovery(
+            self.repository,
+            load_model=lambda name: pb_utils.load_model(model_name=name),
+            on_reloaded=self._reloaded,
+        )
+        self.orchestrator.on_stub_died = self._stub_died
+        self.orchestrator.stub_running = lambda target: stub_running(self.repository, target.model_name, target.version)
         self._publish_membership()
         self.monitor.start()
 
     async def execute(self, requests):
         await asyncio.gather(*(self.orchestrator.serve(request) for request in requests))
-        self.gauges.publish(self.orchestrator.stats.as_metrics())
+        self.gauges.publish({**self.orchestrator.stats.as_metrics(), "stub_reloads_total": self.recovery.reloads})
         self._publish_membership()
         return None
+
+    def _stub_died(self, target: Target) -> None:
+        """Out of rotation until reloaded; a death already being repaired is not repaired twice."""
+        if self.recovery.stub_died(target.model_name, target.version):
+            self.orchestrator.set_health(target, False)  # published when `execute` returns
+
+    def _reloaded(self, model_name: str, version: int) -> None:
+        self.orchestrator.stub_replaced(Target(model_name, version))
+        self.orchestrator.set_health(Target(model_name, version), True)
+        self._publish_membership()
 
     def finalize(self):
         self.monitor.stop()

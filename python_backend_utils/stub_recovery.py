@@ -1,0 +1,101 @@
+"""Bringing back a model instance on this server whose Python-backend stub died.
+
+Triton 2.51's Python backend never restarts the stub of a decoupled model (every engine model
+here is one): its readiness stays green while each request to that instance fails with "Stub
+process '...' is not healthy.", and a load request for a model whose files did not change does
+nothing. Triton does reload, in the background, a model version whose directory changed, while
+the model's other versions keep serving. With one version per instance (`launcher.repository`),
+that restarts exactly the dead instance. Loading a model from a model needs Triton's explicit
+model-control mode, which the launcher uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Triton's words for a request that reached an instance whose stub is gone.
+DEAD_STUB_MESSAGE = "is not healthy"
+
+
+def is_dead_stub_error(message: str) -> bool:
+    return DEAD_STUB_MESSAGE in message
+
+
+def stub_running(repository: Path, model_name: str, version: int, proc: Path = Path("/proc")) -> bool:
+    """Whether a live process (a frozen one counts) runs that model version's stub on this host.
+
+    Triton's own verdict is not enough: it also calls a frozen stub unhealthy, and a request to a
+    stub killed at the wrong moment is never answered at all. The stub's command line names its
+    model file, which is how it is found here.
+    """
+    model_file = f"{repository / model_name / str(version) / 'model.py'}".encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if b"triton_python_backend_stub" in cmdline and model_file in cmdline and state != "Z":
+            return True
+    return False
+
+
+class StubRecovery:
+    """Reloads a model version on a thread of its own (a load takes seconds), then calls
+    `on_reloaded(model_name, version)`. Every request that ran on the dead stub reports it: one
+    reload serves them all, and reports within `grace_s` after it finished are late ones."""
+
+    def __init__(self, repository: Path, load_model: Callable[[str], None],
+                 on_reloaded: Callable[[str, int], None], grace_s: float = 5.0) -> None:
+        self._repository = repository
+        self._load_model = load_model
+        self._on_reloaded = on_reloaded
+        self._grace_s = grace_s
+        self._reloading: set[tuple[str, int]] = set()
+        self._finished: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+        self.reloads = 0
+        self.failed_reloads = 0
+
+    def stub_died(self, model_name: str, version: int) -> bool:
+        """Start reloading that version unless it is reloading or just was; True if started."""
+        key = (model_name, version)
+        with self._lock:
+            finished = self._finished.get(key)
+            if key in self._reloading or (finished is not None and time.monotonic() - finished < self._grace_s):
+                return False
+            self._reloading.add(key)
+        threading.Thread(target=self._reload, args=key, name=f"reload-{model_name}-{version}", daemon=True).start()
+        return True
+
+    def _reload(self, model_name: str, version: int) -> None:
+        try:
+            self._load(model_name, version)
+        finally:
+            with self._lock:
+                self._reloading.discard((model_name, version))
+                self._finished[(model_name, version)] = time.monotonic()
+
+    def _load(self, model_name: str, version: int) -> None:
+        logger.warning("the stub of %s version %d died: reloading that version", model_name, version)
+        try:
+            os.utime(self._repository / model_name / str(version))  # what makes Triton reload it
+            self._load_model(model_name)
+        except Exception:  # noqa: BLE001 - e.g. not in explicit mode, or a read-only repository
+            self.failed_reloads += 1
+            logger.exception("could not reload %s version %d: restart the server to bring it back "
+                             "(reloading needs --model-control-mode=explicit and a writable repository)",
+                             model_name, version)
+            return
+        self.reloads += 1
+        logger.warning("%s version %d reloaded", model_name, version)
+        self._on_reloaded(model_name, version)
