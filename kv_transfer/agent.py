@@ -272,6 +272,10 @@ class TransferAgent:
         self._next_liveness = 0.0
 
         self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kv-copy[{self.config.name}]")
+        # The copier's helpers: it runs the reads and hands each helper a share of a large one.
+        self._copy_helpers = (concurrent.futures.ThreadPoolExecutor(
+            self.config.copy_threads - 1, thread_name_prefix=f"kv-copy-helper[{self.config.name}]")
+            if self.config.copy_threads > 1 else None)
         self._thread = threading.Thread(target=self._run, name=f"kv-transfer[{self.config.name}]", daemon=True)
         self._thread.start()
         _live_agents.add(self)
@@ -440,6 +444,8 @@ class TransferAgent:
         for serve in [*self._serve_queue, *self._serving, *self._readers.values()]:
             self._fail_serve(serve, "agent closed")
         self._copier.shutdown(wait=True)  # no read may write into the pool after close
+        if self._copy_helpers is not None:
+            self._copy_helpers.shutdown(wait=True)
         for pull in list(self._pulls):
             for sub in pull.subs:
                 if sub.phase not in (_Phase.DONE, _Phase.FAILED):
@@ -809,7 +815,8 @@ class TransferAgent:
             self._fail_sub(sub, PeerUnreachableError(f"cannot reach {handle.agent_name}"))
         elif sub.shared_pool is not None:  # read while the sender checks the request (see the module doc)
             sub.copy = self._copier.submit(copy_selection, sub.route, sub.shared_pool, handle.block_ids,
-                                           self._pool, pull.dest_block_ids, pull.num_tokens)
+                                           self._pool, pull.dest_block_ids, pull.num_tokens,
+                                           self._copy_helpers, self.config.copy_threads - 1)
 
     def _map_pool(self, handle: KVHandle) -> torch.Tensor | None:
         """The sender's pool mapped read-only (once per sender pool), or None if it cannot be mapped."""

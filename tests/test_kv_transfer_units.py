@@ -1,5 +1,6 @@
 """kv_transfer pieces that need no second process: layouts, encodings, planning, copies, staging."""
 
+import concurrent.futures
 import dataclasses
 import os
 
@@ -9,7 +10,10 @@ import torch
 
 from kv_transfer import (
     KVHandle, KVLayout, LayoutMismatchError, MalformedMessageError, TransferAgent, TransferConfig, allocate_kv_pool)
-from kv_transfer.conversion import Route, copy_selection, gather, scatter, source_bytes
+from kv_transfer.conversion import (
+    NON_TEMPORAL_COPY_BYTES, PARALLEL_COPY_MIN_BYTES, Route, copy_selection, copy_shares, gather, parallel_copy, scatter,
+    source_bytes,
+)
 from kv_transfer.liveness import ProcessIdentity
 from kv_transfer.metrics import Histogram, TransferMetrics
 from kv_transfer.staging import StagingArena
@@ -229,3 +233,22 @@ def test_agent_is_reachable_over_loopback_only_unless_configured():
     assert TransferConfig().bind_interface == "lo"
     with TransferAgent(allocate_kv_pool(MODEL, 2), MODEL, TransferConfig(name="a")) as agent:
         assert agent._context.config["NET_DEVICES"] == "lo"
+
+
+@pytest.mark.parametrize("num_helpers", [0, 1, 3])
+@pytest.mark.parametrize("nbytes", [1000, PARALLEL_COPY_MIN_BYTES, 3 * PARALLEL_COPY_MIN_BYTES + 4097])
+def test_parallel_copy_copies_every_byte_once_whatever_the_split(nbytes, num_helpers):
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes + 16, dtype=np.uint8)
+    with concurrent.futures.ThreadPoolExecutor(max(num_helpers, 1)) as helpers:
+        parallel_copy(dst[8:-8], src, helpers, num_helpers)
+    np.testing.assert_array_equal(dst[8:-8], src)
+    assert not dst[:8].any() and not dst[-8:].any()
+
+
+def test_copies_are_split_among_threads_but_never_below_the_non_temporal_threshold():
+    assert copy_shares(PARALLEL_COPY_MIN_BYTES - 1, 2) == 1
+    assert copy_shares(64 << 20, 2) == 2
+    assert copy_shares(NON_TEMPORAL_COPY_BYTES + (64 << 20), 2) == 1  # one non-temporal copy beats two plain ones
+    assert copy_shares(4 * NON_TEMPORAL_COPY_BYTES, 2) == 2
+    assert copy_shares(4 * NON_TEMPORAL_COPY_BYTES, 8) == 4
