@@ -235,7 +235,8 @@ def command_rate_match(args: argparse.Namespace) -> int:
     context_runs = [run for path in args.context for run in load_runs(path)]
     context = best_context(
         [
-            ContextMeasurement(r.config.workers, r.summary.request_throughput, r.summary.ttft_ms.p99)
+            ContextMeasurement(args.context_workers or r.config.workers, r.summary.request_throughput,
+                               r.summary.ttft_ms.p99)
             for r in context_runs
             if r.summary.ttft_ms is not None
         ],
@@ -244,7 +245,7 @@ def command_rate_match(args: argparse.Namespace) -> int:
     generation = [
         GenerationMeasurement(
             load_note(r),
-            r.config.workers,
+            args.generation_workers or r.config.workers,
             r.summary.output_throughput,
             r.summary.request_throughput,
             r.summary.tokens_per_second_per_user,
@@ -348,6 +349,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="context-side runs (files or dirs): --osl 1, the generation runs' ISL")
     match.add_argument("--generation", type=Path, nargs="+", required=True, help="generation-side runs (files or dirs)")
     match.add_argument("--ttft-limit-ms", type=float, required=True, help="context runs must keep TTFT p99 within this")
+    match.add_argument("--context-workers", type=int,
+                       help="context workers that served the context runs (default: the runs' --workers, which "
+                            "for a disaggregated preset counts its generation workers too)")
+    match.add_argument("--generation-workers", type=int,
+                       help="generation workers that served the generation runs (default: the runs' --workers)")
     match.add_argument("--label", default="rate-matched")
     match.add_argument("--out", type=Path, help="JSON that `plot` draws as a curve")
     match.set_defaults(handler=command_rate_match)

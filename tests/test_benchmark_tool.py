@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from client.benchmark import main as benchmark_main
 from client.datasets import (
     DEFAULT_MIX,
     BenchmarkRequest,
@@ -306,3 +309,18 @@ def test_charts_are_written(tmp_path):
     tpot_chart(curves, tmp_path / "tpot.png")
     for name in ("pareto.png", "tpot.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rate_match_counts_only_the_workers_of_each_side(tmp_path):
+    """A disaggregated preset records all its workers in each run; each side has only its own."""
+    results = Path(__file__).parent.parent / "benchmarks" / "results" / "isl1024-osl256"
+    out = tmp_path / "matched.json"
+    assert benchmark_main(["rate-match", "--context", str(results / "context-only"), "--generation",
+                           str(results / "disaggregated"), "--ttft-limit-ms", "20000", "--context-workers", "1",
+                           "--generation-workers", "1", "--out", str(out)]) == 0
+    matched = json.loads(out.read_text())
+    assert matched["context"]["num_workers"] == 1
+    for point in matched["points"]:
+        assert point["generation_workers"] == 1
+        assert point["throughput_per_worker"] == pytest.approx(
+            point["output_throughput"] / (point["context_workers"] + 1))
