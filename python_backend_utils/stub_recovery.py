@@ -28,14 +28,11 @@ def is_dead_stub_error(message: str) -> bool:
     return DEAD_STUB_MESSAGE in message
 
 
-def stub_running(repository: Path, model_name: str, version: int, proc: Path = Path("/proc")) -> bool:
-    """Whether a live process (a frozen one counts) runs that model version's stub on this host.
-
-    Triton's own verdict is not enough: it also calls a frozen stub unhealthy, and a request to a
-    stub killed at the wrong moment is never answered at all. The stub's command line names its
-    model file, which is how it is found here.
-    """
+def stub_pids(repository: Path, model_name: str, version: int, proc: Path = Path("/proc")) -> list[int]:
+    """The live processes (a frozen one counts, a zombie does not) running that model version's
+    stub on this host, found by the model file their command line names."""
     model_file = f"{repository / model_name / str(version) / 'model.py'}".encode()
+    pids = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -45,8 +42,15 @@ def stub_running(repository: Path, model_name: str, version: int, proc: Path = P
         except (OSError, IndexError):
             continue  # gone meanwhile
         if b"triton_python_backend_stub" in cmdline and model_file in cmdline and state != "Z":
-            return True
-    return False
+            pids.append(int(entry.name))
+    return pids
+
+
+def stub_running(repository: Path, model_name: str, version: int) -> bool:
+    """Whether that model version's stub process lives. Triton's own verdict is not enough: it
+    also calls a frozen stub unhealthy, and a request to a stub killed at the wrong moment is
+    never answered at all."""
+    return bool(stub_pids(repository, model_name, version))
 
 
 class StubRecovery:

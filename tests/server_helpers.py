@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import time
 import urllib.request
-from pathlib import Path
 
 import tritonclient.grpc as grpcclient
+
+from python_backend_utils.stub_recovery import stub_pids as find_stub_pids
 
 # Prompts from one token to a few hundred, so block boundaries, partial blocks and multi-block
 # transfers all occur (the context instances' blocks hold 16 tokens).
@@ -85,15 +85,5 @@ def wait_until(condition, timeout_s: float, interval_s: float = 0.1):
 
 
 def stub_pids(server, model: str, version: int = 1) -> list[int]:
-    """The Python-backend stub processes of one model version on this server."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "triton_python_backend_stub" in cmdline and f"{server.model_repository}/{model}/{version}/model.py" in cmdline:
-            pids.append(int(entry))
-    return pids
+    """The live Python-backend stub processes of one model version on this server."""
+    return find_stub_pids(server.model_repository, model, version)

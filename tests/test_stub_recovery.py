@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from python_backend_utils.stub_recovery import StubRecovery, is_dead_stub_error, stub_running
+from python_backend_utils.stub_recovery import StubRecovery, is_dead_stub_error, stub_pids
 from tests.server_helpers import wait_until
 
 
@@ -87,15 +87,15 @@ def fake_process(proc, pid: int, cmdline: list[str], state: str = "S") -> None:
     (entry / "stat").write_text(f"{pid} (triton_python_b) {state} 1 1 1\n")
 
 
-def test_a_stub_is_found_by_its_model_file_and_a_zombie_is_not_running(tmp_path):
+def test_a_stub_is_found_by_its_model_file_and_a_zombie_is_not_live(tmp_path):
     proc, repository = tmp_path / "proc", tmp_path / "repo"
     stub = "/opt/backends/python/triton_python_backend_stub"
     fake_process(proc, 10, [stub, f"{repository}/generation/1/model.py", "shm-region"], state="T")  # frozen
     fake_process(proc, 11, [stub, f"{repository}/context/1/model.py", "shm-region"], state="Z")
     fake_process(proc, 12, ["python", f"{repository}/context/2/model.py"])  # not a stub
     (proc / "self").mkdir()
-    assert stub_running(repository, "generation", 1, proc)
-    assert not stub_running(repository, "generation", 2, proc)
-    assert not stub_running(repository, "context", 1, proc)
-    assert not stub_running(repository, "context", 2, proc)
+    assert stub_pids(repository, "generation", 1, proc) == [10]
+    assert stub_pids(repository, "generation", 2, proc) == []
+    assert stub_pids(repository, "context", 1, proc) == []
+    assert stub_pids(repository, "context", 2, proc) == []
 
