@@ -4,9 +4,9 @@
 
 A context process publishes requests from its pool and serves a plain TCP socket; a generation
 process pulls them into its own pool (the default model's layout: SmolLM2-135M, fp32, 16-token
-blocks), copies the same bytes with memcpy (one thread; and "split", shared among two threads
-exactly as the pull's copy is with the default copy_threads=2), and receives them over the
-socket, all in the same run, interleaved.
+blocks), copies the same bytes locally (glibc's memcpy, one thread; and "split", the pull's own
+copy: shared among two threads as with the default copy_threads=2, bypassing the caches), and
+receives them over the socket, all in the same run, interleaved.
 
 Pulls: "shared" is the same-host path (the receiver reads the sender's shared pool), into blocks
 [0, n) ("contiguous") or into shuffled blocks ("scattered", one copy per block). "ucx" is the path

@@ -3,6 +3,7 @@
 import concurrent.futures
 import dataclasses
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ import torch
 
 from kv_transfer import (
     KVHandle, KVLayout, LayoutMismatchError, MalformedMessageError, TransferAgent, TransferConfig, allocate_kv_pool)
+from kv_transfer import conversion
 from kv_transfer.conversion import (
-    NON_TEMPORAL_COPY_BYTES, PARALLEL_COPY_MIN_BYTES, Route, copy_selection, copy_shares, gather, parallel_copy, scatter,
-    source_bytes,
+    PARALLEL_COPY_MIN_BYTES, Route, copy_bytes, copy_selection, gather, parallel_copy, scatter, source_bytes,
 )
 from kv_transfer.liveness import ProcessIdentity
 from kv_transfer.metrics import Histogram, TransferMetrics
@@ -246,9 +247,36 @@ def test_parallel_copy_copies_every_byte_once_whatever_the_split(nbytes, num_hel
     assert not dst[:8].any() and not dst[-8:].any()
 
 
-def test_copies_are_split_among_threads_but_never_below_the_non_temporal_threshold():
-    assert copy_shares(PARALLEL_COPY_MIN_BYTES - 1, 2) == 1
-    assert copy_shares(64 << 20, 2) == 2
-    assert copy_shares(NON_TEMPORAL_COPY_BYTES + (64 << 20), 2) == 1  # one non-temporal copy beats two plain ones
-    assert copy_shares(4 * NON_TEMPORAL_COPY_BYTES, 2) == 2
-    assert copy_shares(4 * NON_TEMPORAL_COPY_BYTES, 8) == 4
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="non-temporal stores are built for x86-64 only")
+def test_the_cache_bypassing_copy_is_built_on_x86_64():
+    """`pip install -e .` compiles it; without it, large same-host reads are slower (README)."""
+    from kv_transfer import _stream_copy
+    assert _stream_copy.NON_TEMPORAL == 1
+
+
+@pytest.mark.parametrize("bypass_caches", [False, True])
+@pytest.mark.parametrize("offset,nbytes", [(0, 0), (3, 5), (1, 64), (7, 4096 + 63), (16, 1 << 20), (5, (1 << 20) + 17)])
+def test_copy_bytes_copies_exactly_the_range_at_any_alignment(offset, nbytes, bypass_caches):
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes + 32, dtype=np.uint8)[offset:offset + nbytes]
+    src.flags.writeable = False  # a mapped peer pool is read-only
+    dst = np.zeros(nbytes + 64, dtype=np.uint8)
+    copy_bytes(dst[9:9 + nbytes], src, bypass_caches)
+    np.testing.assert_array_equal(dst[9:9 + nbytes], src)
+    assert not dst[:9].any() and not dst[9 + nbytes:].any()
+
+
+def test_copy_bytes_falls_back_to_numpy_without_the_extension(monkeypatch):
+    monkeypatch.setattr(conversion, "_stream_copy", None)
+    src = np.arange(5 << 20, dtype=np.uint8)[3:]
+    dst = np.zeros_like(src)
+    parallel_copy(dst, src, None, 0)
+    np.testing.assert_array_equal(dst, src)
+
+
+def test_the_cache_bypassing_copy_refuses_ranges_it_cannot_copy():
+    if conversion._stream_copy is None:
+        pytest.skip("the extension is not built")
+    with pytest.raises(ValueError, match="copy of 10 bytes into 9 bytes"):
+        conversion._stream_copy.copy(np.zeros(9, dtype=np.uint8), np.zeros(10, dtype=np.uint8))
+    with pytest.raises(TypeError):  # strided: not one contiguous range
+        conversion._stream_copy.copy(np.zeros(10, dtype=np.uint8)[::2], np.zeros(5, dtype=np.uint8))
