@@ -81,15 +81,27 @@ def outcome(server, prompt: str) -> tuple[str, str]:
         return "error", json.loads(error.read() or b"{}").get("error", f"HTTP {error.code}")
 
 
-def under_load(server, fault, settle_s: float = 1.0) -> list[tuple[str, str, str]]:
-    """Eight concurrent requests with `fault()` striking while they run: (prompt, kind, text)."""
+def under_load(server, fault, strike_when) -> list[tuple[str, str, str]]:
+    """Eight concurrent requests with `fault()` striking while they run, once `strike_when()` is
+    true: (prompt, kind, text)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(outcome, server, p) for p in prompts]
-        time.sleep(settle_s)
+        wait_until(strike_when, timeout_s=60, interval_s=0.02)
         fault()
         results = [f.result(timeout=REQUEST_DEADLINE_S) for f in futures]  # a hang fails here
     return [(p, kind, text) for p, (kind, text) in zip(prompts, results)]
+
+
+def after(seconds: float):
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() >= deadline
+
+
+def decoding(server) -> bool:
+    """The generation instance has sequences in its running batch (published every engine step)."""
+    return any(value >= 1 for labels, value in metric_values(server, "disagg_sequences_running").items()
+               if 'model="generation"' in labels)
 
 
 def assert_serves_correctly(server, answers) -> None:
@@ -123,7 +135,7 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
         time.sleep(TRANSFER_TIMEOUT_S * 2)
         os.kill(victim, signal.SIGCONT)
 
-    counts = check(under_load(server, freeze, settle_s=2.0), aggregated_answers)
+    counts = check(under_load(server, freeze, after(2.0)), aggregated_answers)
     print("context stub SIGSTOP:", counts)
     assert counts["correct"] == 8
     assert_serves_correctly(server, aggregated_answers)
@@ -135,7 +147,7 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
 def test_2_context_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "context")
     reloads_before = reloads(server)
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL)), aggregated_answers)
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), after(1.0)), aggregated_answers)
     print("context stub SIGKILL:", counts)
     assert counts["correct"] == 8  # prefilled on the generation instance instead: nothing is lost
     assert_serves_correctly(server, aggregated_answers)  # and so are the requests that follow
@@ -154,7 +166,8 @@ def test_3_generation_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "generation")
     reloads_before = reloads(server)
     started = time.monotonic()
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), settle_s=3.0), aggregated_answers)
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: decoding(server)),
+                   aggregated_answers)
     print("generation stub SIGKILL:", counts, f"{time.monotonic() - started:.1f} s")
     assert counts["error"] >= 1
     assert time.monotonic() - started < 60  # errors come fast, not at a timeout
