@@ -68,11 +68,13 @@ class LocalStream:
     stub while it waits."""
 
     def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target,
-                 wait: Callable[[asyncio.Future, float], Awaitable] = wait_plainly) -> None:
+                 wait: Callable[[asyncio.Future, float], Awaitable] = wait_plainly,
+                 stub_lived: Callable[[], bool] = lambda: True) -> None:
         self._iterator = iterator
         self._executor = executor
         self._where = where
         self._wait = wait
+        self._stub_lived = stub_lived
         self._pending: asyncio.Future | None = None
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
@@ -84,6 +86,8 @@ class LocalStream:
             response = await self._wait(self._pending, timeout)
             self._pending = None
             if response is _END:
+                if not self._stub_lived():  # Triton may end the stream of a killed stub without an error
+                    raise StubDied(f"{self._where}: its stub process died before the request finished")
                 return None
             if response.has_error():
                 error = response.error()
@@ -143,12 +147,11 @@ class Orchestrator:
         self.on_unreachable: Callable[[Target], None] = lambda target: None
         # Told when an instance on this server lost its stub (by every request that finds out).
         self.on_stub_died: Callable[[Target], None] = lambda target: None
-        # Whether the stub process of an instance on this server lives (stub_recovery.stub_running).
+        # Whether the stub process of an instance on this server lives (stub_recovery.StubWatch).
         self.stub_running: Callable[[Target], bool] = lambda target: True
         # Bumped when a local target's stub is found dead and when its replacement is ready: a
         # request opened under an older count runs on a stub that is gone, whatever runs now.
         self._stub_generations: dict[Target, int] = {}
-        self._stub_checks: dict[Target, tuple[float, bool]] = {}  # when stub_running was last asked, and its answer
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
         self._loop_with_executor: asyncio.AbstractEventLoop | None = None
 
@@ -349,12 +352,14 @@ class Orchestrator:
             request_id=worker_id,
         )
         # Submitting returns with the request's first response, so it waits like every response.
-        wait = functools.partial(self._wait_while_alive, target, self._stub_generations.get(target, 0))
+        generation = self._stub_generations.get(target, 0)
+        wait = functools.partial(self._wait_while_alive, target, generation)
         try:
             iterator = await wait(asyncio.ensure_future(inner.async_exec(decoupled=True)), timeout)
         except asyncio.TimeoutError:
             raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
-        return LocalStream(iterator, self._executor, target, wait)
+        return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
+            self._stub_generations.get(target, 0) == generation and self.stub_running(target)))
 
     async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
         """`future`'s result within `timeout`, checking the target's stub process whenever the wait
@@ -367,7 +372,7 @@ class Orchestrator:
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
                     raise
-            if self._stub_generations.get(target, 0) != generation or not self._stub_seen_running(target):
+            if self._stub_generations.get(target, 0) != generation or not self.stub_running(target):
                 raise StubDied(f"{target}: its stub process died while the request ran there")
 
     async def _stop_local(self, target: Target, worker_id: str) -> None:
@@ -380,15 +385,6 @@ class Orchestrator:
         )
         submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
         await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
-
-    def _stub_seen_running(self, target: Target) -> bool:
-        """`stub_running`, looked up at most once per CHECK_STUB_AFTER_S / 2 for all the requests waiting."""
-        now = time.monotonic()
-        checked_at, running = self._stub_checks.get(target, (0.0, True))
-        if now - checked_at >= CHECK_STUB_AFTER_S / 2:
-            running = self.stub_running(target)
-            self._stub_checks[target] = (now, running)
-        return running
 
     def stub_replaced(self, target: Target) -> None:
         """The stub of a local target died or was replaced: requests opened before run on a dead one."""

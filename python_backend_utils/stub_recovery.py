@@ -32,25 +32,38 @@ def stub_pids(repository: Path, model_name: str, version: int, proc: Path = Path
     """The live processes (a frozen one counts, a zombie does not) running that model version's
     stub on this host, found by the model file their command line names."""
     model_file = f"{repository / model_name / str(version) / 'model.py'}".encode()
-    pids = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if b"triton_python_backend_stub" in cmdline and model_file in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+    return [int(entry.name) for entry in proc.iterdir()
+            if entry.name.isdigit() and _is_live_stub(int(entry.name), model_file, proc)]
 
 
-def stub_running(repository: Path, model_name: str, version: int) -> bool:
-    """Whether that model version's stub process lives. Triton's own verdict is not enough: it
-    also calls a frozen stub unhealthy, and a request to a stub killed at the wrong moment is
-    never answered at all."""
-    return bool(stub_pids(repository, model_name, version))
+def _is_live_stub(pid: int, model_file: bytes, proc: Path) -> bool:
+    try:
+        cmdline = (proc / str(pid) / "cmdline").read_bytes()
+        state = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return b"triton_python_backend_stub" in cmdline and model_file in cmdline and state != "Z"
+
+
+class StubWatch:
+    """Whether a model version's stub process lives. Triton's own verdict is not enough: it also
+    calls a frozen stub unhealthy, and a request to a stub killed at the wrong moment may end
+    without an error. Asked at the end of every worker stream, so cheap: the stubs found by one
+    /proc scan are remembered, and only their own entries are read until one of them is gone."""
+
+    def __init__(self, repository: Path, proc: Path = Path("/proc")) -> None:
+        self.repository = repository
+        self.proc = proc
+        self._pids: dict[tuple[str, int], list[int]] = {}
+
+    def running(self, model_name: str, version: int) -> bool:
+        key = (model_name, version)
+        model_file = f"{self.repository / model_name / str(version) / 'model.py'}".encode()
+        known = self._pids.get(key)
+        if known and all(_is_live_stub(pid, model_file, self.proc) for pid in known):
+            return True
+        self._pids[key] = stub_pids(self.repository, model_name, version, self.proc)
+        return bool(self._pids[key])
 
 
 class StubRecovery:

@@ -98,10 +98,12 @@ def after(seconds: float):
     return lambda: time.monotonic() >= deadline
 
 
-def decoding(server) -> bool:
-    """The generation instance has sequences in its running batch (published every engine step)."""
-    return any(value >= 1 for labels, value in metric_values(server, "disagg_sequences_running").items()
-               if 'model="generation"' in labels)
+def serving(server, model: str) -> bool:
+    """`model`'s instance holds requests: prefilling, decoding, pulling or holding KV for a pull
+    (gauges published every engine step). A fault struck then cannot miss the load."""
+    return sum(value for name in ("running", "awaiting_kv", "kv_held")
+               for labels, value in metric_values(server, f"disagg_sequences_{name}").items()
+               if f'model="{model}"' in labels) >= 1
 
 
 def assert_serves_correctly(server, answers) -> None:
@@ -166,7 +168,7 @@ def test_3_generation_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "generation")
     reloads_before = reloads(server)
     started = time.monotonic()
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: decoding(server)),
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: serving(server, "generation")),
                    aggregated_answers)
     print("generation stub SIGKILL:", counts, f"{time.monotonic() - started:.1f} s")
     assert counts["error"] >= 1

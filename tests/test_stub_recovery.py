@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 
-from python_backend_utils.stub_recovery import StubRecovery, is_dead_stub_error, stub_pids
+from python_backend_utils.stub_recovery import StubRecovery, StubWatch, is_dead_stub_error, stub_pids
 from tests.server_helpers import wait_until
 
 
@@ -99,3 +100,19 @@ def test_a_stub_is_found_by_its_model_file_and_a_zombie_is_not_live(tmp_path):
     assert stub_pids(repository, "context", 1, proc) == []
     assert stub_pids(repository, "context", 2, proc) == []
 
+
+
+def test_the_watch_sees_a_stub_die_and_its_replacement_start(tmp_path):
+    proc, repository = tmp_path / "proc", tmp_path / "repo"
+    stub = ["/opt/backends/python/triton_python_backend_stub", f"{repository}/generation/1/model.py"]
+    watch = StubWatch(repository, proc)
+    fake_process(proc, 10, stub)
+    assert watch.running("generation", 1)
+    (proc / "10" / "stat").write_text("10 (triton_python_b) Z 1 1 1\n")  # killed, not yet reaped
+    assert not watch.running("generation", 1)
+    shutil.rmtree(proc / "10")
+    fake_process(proc, 10, ["bash"])  # its pid reused by another program
+    assert not watch.running("generation", 1)
+    fake_process(proc, 20, stub)  # the replacement
+    assert watch.running("generation", 1)
+    assert not watch.running("context", 1)

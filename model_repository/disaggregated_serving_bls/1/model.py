@@ -17,7 +17,7 @@ from python_backend_utils.deployment import Deployment
 from python_backend_utils.membership import MembershipMonitor
 from python_backend_utils.orchestrator import GROUPS, Orchestrator
 from python_backend_utils.routing import Target
-from python_backend_utils.stub_recovery import StubRecovery, stub_running
+from python_backend_utils.stub_recovery import StubRecovery, StubWatch
 from python_backend_utils.triton_io import model_parameters
 from python_backend_utils.triton_metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
 
@@ -47,7 +47,8 @@ class TritonPythonModel:
             on_reloaded=self._reloaded,
         )
         self.orchestrator.on_stub_died = self._stub_died
-        self.orchestrator.stub_running = lambda target: stub_running(self.repository, target.model_name, target.version)
+        stubs = StubWatch(self.repository)
+        self.orchestrator.stub_running = lambda target: stubs.running(target.model_name, target.version)
         self._publish_membership()
         self.monitor.start()
 
