@@ -4,6 +4,11 @@ Knows nothing of Triton or of the engine: it moves described memory between proc
 See README.md in this directory for the protocol, the settings and what was measured.
 """
 
+import os
+
+# Set before any submodule imports ucxx, as UCX reads it at import; `import kv_transfer.x` runs this file first.
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
 from .agent import PullFuture, PullResult, ReleaseReason, TransferAgent
 from .config import TransferConfig
 from .errors import (

@@ -40,11 +40,11 @@ class TransferConfig:
         on both sides; also bounds how long an accepted pull may wait for a send slot, and how long
         a same-host reader may hold the sender's blocks.
     copy_threads: threads that copy a same-host read. A contiguous run of 4 MiB or more is split
-        among them: here two threads copy 64 MiB in ~3.2 ms, one in ~3.8 ms. Where a process is
-        pinned to one core, its copy threads share that core.
+        among them (kv_transfer/README.md has the measured gain). Where a process is pinned to one
+        core, its copy threads share that core.
     poll_interval_s / idle_poll_interval_s: the service thread's polling period while transfers
         are active / when idle. The Python ucxx API offers no completion callbacks, so the
-        service thread polls; measured here, 0.2 ms costs ~10% of a core and 1 ms ~3%.
+        service thread polls: a shorter period answers sooner and costs more of a core.
     """
 
     name: str = field(default_factory=_default_name)

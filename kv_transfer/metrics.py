@@ -41,7 +41,7 @@ class Histogram:
 
     def snapshot(self) -> dict:
         cumulative, running = {}, 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += n
             cumulative[bound] = running
         return {"buckets": cumulative, "sum": self.total, "count": self.count}

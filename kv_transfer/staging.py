@@ -1,4 +1,4 @@
-"""A bounded host staging buffer, carved into page-aligned chunks (first fit)."""
+"""Bounded host staging buffers, carved into page-aligned chunks (first fit)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .layout import PAGE_SIZE, host_zeros
+from .metrics import TransferMetrics
 
 
 class StagingArena:
@@ -59,3 +60,22 @@ class StagingArena:
 
     def array(self, offset: int, nbytes: int) -> np.ndarray:
         return self._array[offset:offset + nbytes]
+
+
+class Staging:
+    """An agent's two staging buffers, one for sending and one for receiving, with their use in the metrics."""
+
+    def __init__(self, nbytes: int, *, pin_memory: bool, metrics: TransferMetrics) -> None:
+        self.send = StagingArena(nbytes, pin_memory=pin_memory)
+        self.recv = StagingArena(nbytes, pin_memory=pin_memory)
+        self._metrics = metrics
+
+    def alloc(self, arena: StagingArena, nbytes: int) -> int | None:
+        offset = arena.alloc(nbytes)
+        if offset is not None:
+            self._metrics.set("staging_bytes_in_use", self.send.in_use + self.recv.in_use)
+        return offset
+
+    def free(self, arena: StagingArena, offset: int, nbytes: int) -> None:
+        arena.free(offset, nbytes)
+        self._metrics.set("staging_bytes_in_use", self.send.in_use + self.recv.in_use)

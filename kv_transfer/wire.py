@@ -1,7 +1,7 @@
 """Binary encoding of handles and control messages, and the tag scheme.
 
 Every encoded object is framed as ``magic (4) | version (1) | body length (4) | crc32 of body (4) | body``.
-Control messages are received into fixed-size buffers posted ahead (see agent.py), so the frame
+Control messages are received into fixed-size buffers posted ahead (see transport.py), so the frame
 says where it ends; bytes after it are ignored. The CRC matters beyond hygiene: these messages
 carry UCX worker addresses, and UCX aborts the whole process on a corrupted address, so a damaged
 or truncated message must be rejected before use.
