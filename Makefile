@@ -13,18 +13,22 @@ DEPS := $(VENV)/.deps-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test model bench-engine setup clean
+.PHONY: serve test lint model bench-engine setup clean
 
 serve: setup
 	$(BIN)/disagg-serve $(SERVE_ARGS)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml: the noqa markers in the code mean something.
+lint: $(DEPS)
+	$(BIN)/ruff check .
 
 model: $(DEFAULT_MODEL)
 
 bench-engine: $(DEPS) $(DEFAULT_MODEL)
-	$(BIN)/python -m client.bench_engine
+	$(BIN)/python -m benchmarks.bench_engine
 
 setup: $(DEPS) $(TRITONSERVER) $(DEFAULT_MODEL)
 
@@ -47,7 +51,7 @@ $(TRITONSERVER): | $(BIN)/python
 	$(BIN)/pip install --no-deps --upgrade --target $(RUNTIME) nvidia-pytriton==0.7.0
 
 $(DEFAULT_MODEL): | $(DEPS)
-	$(BIN)/python -m python_backend_utils.default_model
+	$(BIN)/python -m python_backend_utils.engine.checkpoint
 
 # The venv and build leftovers; the converted model and the Triton runtime stay in $(CACHE).
 clean:

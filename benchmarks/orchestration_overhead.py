@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r{index + 1}/{args.warmup + args.requests} rounds", end="", flush=True)
     print(f"\n\nISL {args.isl}, OSL {args.osl}, {args.requests} requests per path, one at a time, gRPC streaming\n")
     baseline = statistics.median(timings["generation"].itl_ms) if "generation" in timings else None
-    print("| path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p50 over `generation` ms | responses/request |")
+    print("| path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p50 over `generation` ms"
+          " | responses/request |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for path, t in timings.items():
         ttft = f"| {path} | {statistics.median(t.ttft_ms):.1f} | {percentile(t.ttft_ms, 90):.1f} "

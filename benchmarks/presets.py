@@ -46,7 +46,8 @@ def preset_settings(args: argparse.Namespace) -> tuple[list[str], str | None, in
         ]
     deployment = (
         f"context_servers:\n  num_instances: {contexts}\n  router: {{type: kv_cache_aware}}\n"
-        f"generation_servers:\n  num_instances: {generations}\n  router: {{type: load_balancing, load_metric: tokens}}\n"
+        f"generation_servers:\n  num_instances: {generations}\n"
+        "  router: {type: load_balancing, load_metric: tokens}\n"
     )
     return settings, deployment, contexts + generations
 

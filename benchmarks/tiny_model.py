@@ -17,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from python_backend_utils.default_model import prepare_default_model
+from python_backend_utils.engine.checkpoint import prepare_default_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 

@@ -63,7 +63,7 @@ def load_tokenizer(path: str | None):
     """The served model's tokenizer, so that prompt lengths are counted as the server counts them."""
     from transformers import AutoTokenizer
 
-    from python_backend_utils.default_model import resolve_model_dir
+    from python_backend_utils.environment import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(path))
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pydoc_data.topics
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-import pydoc_data.topics
 
 # Stdlib modules whose docstrings join the corpus: documented at length, importable everywhere.
 DOCSTRING_MODULES = (
@@ -102,7 +101,7 @@ class LengthDistribution:
     second: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str) -> "LengthDistribution":
+    def parse(cls, spec: str) -> LengthDistribution:
         parts = spec.split(":")
         try:
             if len(parts) == 1:

@@ -85,7 +85,8 @@ def infer_inputs(arrays: dict[str, np.ndarray], protocol=grpcclient) -> list:
     return inputs
 
 
-def generate_grpc(url: str, request: GenerateRequest, model: str = "ensemble", timeout_s: float = 300.0) -> Iterator[str]:
+def generate_grpc(url: str, request: GenerateRequest, model: str = "ensemble",
+                  timeout_s: float = 300.0) -> Iterator[str]:
     """Yield text_output of each response until the final one."""
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
@@ -111,7 +112,8 @@ def generate_grpc(url: str, request: GenerateRequest, model: str = "ensemble", t
         client.close()
 
 
-def generate_http(url: str, request: GenerateRequest, model: str = "ensemble", timeout_s: float = 300.0) -> Iterator[str]:
+def generate_http(url: str, request: GenerateRequest, model: str = "ensemble",
+                  timeout_s: float = 300.0) -> Iterator[str]:
     """Yield text_output of each response (/generate_stream's server-sent events, or /generate's one answer)."""
     endpoint = "generate_stream" if request.stream else "generate"
     http_request = urllib.request.Request(

@@ -60,7 +60,7 @@ class ModelInterface:
     inputs: dict[str, TensorSpec]
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "ModelInterface":
+    def from_metadata(cls, metadata: dict) -> ModelInterface:
         inputs = {
             entry["name"]: TensorSpec(
                 entry["name"], entry["datatype"], tuple(1 if int(d) < 0 else int(d) for d in entry["shape"])
@@ -163,7 +163,7 @@ async def stream_request(
             timing.error = "the stream ended before the final response"
     except asyncio.CancelledError:
         timing.cancelled = True
-    except Exception as error:  # a broken stream (server gone, deadline): this request failed, the run goes on
+    except Exception as error:  # noqa: BLE001 - a broken stream (server gone, deadline): this request failed, the run goes on
         timing.error = f"{type(error).__name__}: {error}"
     finally:
         finished.set()

@@ -57,7 +57,7 @@ class Percentiles:
     p99: float
 
     @classmethod
-    def of_seconds(cls, values: Sequence[float]) -> "Percentiles | None":
+    def of_seconds(cls, values: Sequence[float]) -> Percentiles | None:
         if not values:
             return None
         milliseconds = [value * 1000.0 for value in values]
@@ -119,7 +119,7 @@ class RunSummary:
     slo: Slo = field(default_factory=Slo)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunSummary":
+    def from_dict(cls, data: dict) -> RunSummary:
         values = dict(data)
         for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             values[name] = Percentiles(**values[name]) if values[name] is not None else None

@@ -45,7 +45,7 @@ class RunResult:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "RunResult":
+    def load(cls, path: Path) -> RunResult:
         try:
             data = json.loads(Path(path).read_text())
             requests = [RequestMeasurement(**{**entry, "itl_s": tuple(entry["itl_s"])}) for entry in data["requests"]]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
-from python_backend_utils.deployment import DeploymentError
+from python_backend_utils.orchestration.deployment import DeploymentError
 
 # What each mode loads. The orchestrator reaches context and generation through BLS, which
 # Triton does not count as a dependency, so they are named here.
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve a copy of the model repository with this config.pbtxt parameter changed, or "
         "MODEL.instance_count=N (repeatable), e.g. --set aggregated.cpu_cores='0;1'",
     )
-    parser.add_argument("--model-dir", help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-dir",
+                        help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="overrides the device in config.pbtxt")
     parser.add_argument(
         "--load-model",

@@ -1,6 +1,6 @@
 """Render a model repository for one deployment: instance counts and settings, no hand edits.
 
-Instance i of a server group is version i+1 of its model (python_backend_utils/deployment.py),
+Instance i of a server group is version i+1 of its model (python_backend_utils/orchestration/deployment.py),
 so the repository must hold exactly `num_instances` versions of `context` and `generation`.
 Where the orchestrator reads its deployment by default goes a link to the file: edits to the
 file reach the running orchestrator as they would without rendering. Settings
@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_backend_utils.deployment import Deployment
+from python_backend_utils.orchestration.deployment import Deployment
 
 DEPLOYMENT_FILE = Path("disaggregated_serving_bls") / "disagg_config.yaml"
 INSTANCE_COUNT = "instance_count"
@@ -32,7 +32,7 @@ class Setting:
     value: str
 
     @classmethod
-    def parse(cls, text: str) -> "Setting":
+    def parse(cls, text: str) -> Setting:
         target, sep, value = text.partition("=")
         model, dot, key = target.partition(".")
         if not (sep and dot and model and key):

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_backend_utils.default_model import cache_dir
+from python_backend_utils.environment import cache_dir
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 

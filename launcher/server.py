@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.runtime import TritonRuntime, find_runtime
-from python_backend_utils.config import DEVICE_ENV
-from python_backend_utils.default_model import MODEL_DIR_ENV
-from python_backend_utils.messages import KEY_FILE_ENV, MIN_KEY_BYTES
+from python_backend_utils.environment import DEVICE_ENV, KEY_FILE_ENV, MODEL_DIR_ENV
+from python_backend_utils.serving.context_params import MIN_KEY_BYTES
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 SHM_DIR = Path("/dev/shm")
@@ -107,7 +106,7 @@ class TritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         return self
 

@@ -9,7 +9,7 @@ import pytest
 from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.ports import free_server_ports
-from tests.server_helpers import PROMPTS, generate
+from tests.helpers import PROMPTS, generate
 
 
 @pytest.fixture(scope="session")

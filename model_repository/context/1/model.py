@@ -1,6 +1,6 @@
-"""Context instances of disaggregated serving (see python_backend_utils/llm_model.py)."""
+"""Context instances of disaggregated serving (see python_backend_utils/serving/worker_model.py)."""
 
-from python_backend_utils.llm_model import LLMModel
+from python_backend_utils.serving.worker_model import LLMModel
 
 
 class TritonPythonModel(LLMModel):

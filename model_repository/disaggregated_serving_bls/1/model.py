@@ -1,7 +1,7 @@
 """Disaggregated serving orchestrator (BLS): context instance, then generation instance.
 
 `execute` is async, so one instance drives many requests at once; the request path lives in
-python_backend_utils/orchestrator.py. A background thread (membership.py) follows edits of the
+python_backend_utils/orchestration/orchestrator.py. A background thread (membership.py) follows edits of the
 deployment file and the health of remote instances. An instance on this server whose stub died
 is reloaded (stub_recovery.py).
 """
@@ -13,15 +13,14 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.deployment import Deployment
-from python_backend_utils.membership import MembershipMonitor
-from python_backend_utils.orchestrator import GROUPS, Orchestrator
-from python_backend_utils.routing import Target
-from python_backend_utils.stub_recovery import StubRecovery, StubWatch
-from python_backend_utils.triton_io import model_parameters
-from python_backend_utils.triton_metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
-
-DEPLOYMENT_ENV = "TRITON_DISAGG_DEPLOYMENT"
+from python_backend_utils.environment import DEPLOYMENT_ENV
+from python_backend_utils.orchestration.deployment import Deployment
+from python_backend_utils.orchestration.membership import MembershipMonitor
+from python_backend_utils.orchestration.orchestrator import GROUPS, Orchestrator
+from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.serving.metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
+from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch
+from python_backend_utils.serving.triton_io import model_parameters
 
 
 class TritonPythonModel:

@@ -35,14 +35,15 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             response = self._run_ensemble(request)
-        except Exception as error:  # the client gets an answer whatever went wrong
+        except Exception as error:  # noqa: BLE001 - the client gets an answer whatever went wrong
             response = error_response(f"running {ENSEMBLE} failed: {error}")
         sender.send(response, flags=FINAL)
 
     def _run_ensemble(self, request):
         stream = pb_utils.get_input_tensor_by_name(request, "stream")
         if stream is not None and stream.as_numpy().any():
-            message = f"this model sends one response; to stream, call `{ENSEMBLE}` (gRPC streaming or /generate_stream)"
+            message = (f"this model sends one response; to stream, call `{ENSEMBLE}` "
+                       "(gRPC streaming or /generate_stream)")
             return error_response(message, pb_utils.TritonError.INVALID_ARG)
         inputs = [tensor for tensor in request.inputs() if tensor.name() != "stream"]
         inputs.append(pb_utils.Tensor("stream", np.array([False])))

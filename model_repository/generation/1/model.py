@@ -1,6 +1,6 @@
-"""Generation instances of disaggregated serving (see python_backend_utils/llm_model.py)."""
+"""Generation instances of disaggregated serving (see python_backend_utils/serving/worker_model.py)."""
 
-from python_backend_utils.llm_model import LLMModel
+from python_backend_utils.serving.worker_model import LLMModel
 
 
 class TritonPythonModel(LLMModel):

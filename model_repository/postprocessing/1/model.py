@@ -3,9 +3,9 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.detokenize import decode_increment
-from python_backend_utils.tokenizer import load_tokenizer
-from python_backend_utils.triton_io import model_parameters, request_inputs
+from python_backend_utils.serving.detokenize import decode_increment
+from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.serving.triton_io import model_parameters, request_inputs
 
 
 class TritonPythonModel:
@@ -16,9 +16,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             inputs = request_inputs(request)
-            text = decode_increment(
-                self.tokenizer, inputs["PRECEDING_TOKENS"].reshape(-1).tolist(), inputs["TOKENS_BATCH"].reshape(-1).tolist()
-            )
+            preceding = inputs["PRECEDING_TOKENS"].reshape(-1).tolist()
+            text = decode_increment(self.tokenizer, preceding, inputs["TOKENS_BATCH"].reshape(-1).tolist())
             output = np.array([text.encode("utf-8")], dtype=np.object_)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", output)]))
         return responses

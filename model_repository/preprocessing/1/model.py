@@ -4,8 +4,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.tokenizer import load_tokenizer
-from python_backend_utils.triton_io import (
+from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.serving.triton_io import (
     decode_text,
     encode_word_list,
     model_parameters,
@@ -35,7 +35,7 @@ class TritonPythonModel:
     def _preprocess(self, inputs):
         text = decode_text(inputs["QUERY"].reshape(-1)[0], "text_input")
         # The tokenizer's own special-token rule: a BOS only where the checkpoint adds one.
-        input_ids = self.tokenizer(text)["input_ids"]
+        input_ids = self.tokenizer.encode(text)
         return {
             "INPUT_ID": np.asarray(input_ids, dtype=np.int32),
             "REQUEST_INPUT_LEN": np.asarray([len(input_ids)], dtype=np.int32),

@@ -1,0 +1,69 @@
+"""Engine settings, read from a Triton model's config.pbtxt parameters with environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from python_backend_utils.environment import DEVICE_ENV, MODEL_DIR_ENV
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A cap on the default context window: the KV pool and position tables are sized from it.
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+class ConfigError(ValueError):
+    """A setting has a value the engine cannot use."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    kv_cache_dtype: str = ""
+    block_size: int = 16
+    num_kv_blocks: int = 0
+    kv_cache_memory_bytes: int = 1 << 30
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 4096
+    max_model_len: int = 0
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value and value not in DTYPES:
+                raise ConfigError(f"{name}={value!r}: choose one of {sorted(DTYPES)}")
+        if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.kv_cache_dtype or self.dtype]
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> EngineConfig:
+        """Build from string-valued settings; unknown keys are left to the caller, empty values mean default."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for name, raw in parameters.items():
+            if name not in fields or raw == "":
+                continue
+            kind = fields[name].type
+            try:
+                values[name] = int(raw) if kind == "int" else raw
+            except ValueError:
+                raise ConfigError(f"parameter {name}={raw!r} must be an integer") from None
+        if os.environ.get(MODEL_DIR_ENV) and not values.get("model_dir"):
+            values["model_dir"] = os.environ[MODEL_DIR_ENV]
+        if os.environ.get(DEVICE_ENV):
+            values["device"] = os.environ[DEVICE_ENV]
+        return cls(**values)

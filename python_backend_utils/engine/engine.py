@@ -1,0 +1,236 @@
+"""The LLM engine: one class for the aggregated, context-only and generation-only roles."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from python_backend_utils.engine.block_manager import BlockManager
+from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.outputs import RequestOutput
+from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
+from python_backend_utils.engine.sampler import apply_bad_words, sample
+from python_backend_utils.engine.sampling_params import SamplingParams
+from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
+from python_backend_utils.engine.sequence import Role, Sequence, Status
+from python_backend_utils.environment import resolve_model_dir
+from python_backend_utils.errors import CapacityError, InvalidRequestError
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_blocks: int
+    num_free_blocks: int
+    num_waiting: int
+    num_running: int
+    num_awaiting_kv: int
+    num_kv_held: int
+    preemptions: int
+    kv_pull_fallbacks: int
+    prefix_cache_hit_tokens: int
+
+
+# Allocates the KV pool tensor: (model shape, num_blocks, block_size, dtype, device) -> tensor of
+# KVPool's shape. The default is torch.zeros; a KV transfer module may want memory of its own.
+PoolAllocator = Callable[[ModelShape, int, int, torch.dtype, str], torch.Tensor]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None) -> None:
+        torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model = PagedCausalLM(config, str(resolve_model_dir(config.model_dir)))
+        shape = self.model.shape
+        self.max_model_len = self.model.max_model_len
+        self.vocab_size = shape.vocab_size
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // KVPool.bytes_per_block(
+            shape, config.block_size, config.kv_torch_dtype
+        )
+        if num_blocks < 1:
+            raise CapacityError("kv_cache_memory_bytes is too small for a single KV block")
+        self.pool = KVPool(shape, num_blocks, config.block_size, config.kv_torch_dtype, config.device, allocate_pool)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self._sequences: dict[str, Sequence] = {}
+        self.last_step_num_tokens = 0
+        self._prefix_hit_tokens = 0
+
+    # ----------------------------------------------------------------- requests
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, role: Role = Role.BOTH
+    ) -> None:
+        """Queue a request that is prefilled here (aggregated, or context-only)."""
+        if role is Role.GENERATION_ONLY:
+            raise ValueError("use add_generation_request for generation-only requests")
+        self._admit(Sequence(request_id, list(prompt_ids), len(prompt_ids), self._with_defaults(params), role))
+
+    def add_generation_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        start_pull: Callable[[list[int]], Callable[[], bool]],
+    ) -> None:
+        """Queue a request whose prompt KV comes from a context instance.
+
+        `start_pull(block_ids)` is called once this request has blocks; the poll it returns says
+        when the KV is in place (or raises, and then the prompt is recomputed here). The first
+        token was already produced by the context instance and is not emitted again.
+        """
+        seq = Sequence(
+            request_id,
+            [*prompt_ids, first_token],
+            len(prompt_ids),
+            self._with_defaults(params),
+            Role.GENERATION_ONLY,
+            start_pull=start_pull,
+        )
+        seq.num_emitted = 1
+        seq.output_log_probs.append(0.0)  # the first token's, reported by the context instance
+        self._admit(seq)
+
+    def release_kv(self, request_id: str) -> None:
+        """A context-only request's KV was pulled (or will never be): free its blocks."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is not None and seq.status is Status.KV_HELD:
+            self.block_manager.free(seq.block_table)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._sequences.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.remove(seq)
+        if seq.block_table:
+            self.block_manager.free(seq.block_table)
+        seq.status = Status.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return any(s.status is not Status.KV_HELD for s in self._sequences.values())
+
+    def stats(self) -> EngineStats:
+        held = sum(1 for s in self._sequences.values() if s.status is Status.KV_HELD)
+        return EngineStats(
+            num_blocks=self.block_manager.num_blocks,
+            num_free_blocks=self.block_manager.num_free,
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_awaiting_kv=len(self.scheduler.awaiting_kv),
+            num_kv_held=held,
+            preemptions=self.scheduler.stats.preemptions,
+            kv_pull_fallbacks=self.scheduler.stats.kv_pull_fallbacks,
+            prefix_cache_hit_tokens=self._prefix_hit_tokens,
+        )
+
+    # ----------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        self.last_step_num_tokens = sum(item.num_tokens for item in scheduled)
+        if not scheduled:
+            return []
+        chunks = [
+            Chunk(
+                token_ids=item.seq.token_ids[item.seq.num_computed : item.seq.num_computed + item.num_tokens],
+                start=item.seq.num_computed,
+                block_table=item.seq.block_table,
+                sample=item.completes,
+            )
+            for item in scheduled
+        ]
+        try:
+            logits = self.model.forward(chunks, self.pool)
+        except Exception:
+            self.block_manager.forget_hashes()
+            raise
+        sampling = [item for item in scheduled if item.completes]
+        for item in scheduled:
+            if item.seq.num_computed == item.seq.num_cached_tokens and item.seq.num_cached_tokens:
+                self._prefix_hit_tokens += item.seq.num_cached_tokens
+            item.seq.num_computed += item.num_tokens
+            if item.seq.role is not Role.GENERATION_ONLY:
+                self.block_manager.register_full_blocks(
+                    item.seq.block_table, item.seq.token_ids, item.seq.num_computed, item.seq.block_hash_chain
+                )
+        return self._sample_and_finish(sampling, logits) if sampling else []
+
+    def _sample_and_finish(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        seqs = [item.seq for item in sampling]
+        if any(s.params.bad_words for s in seqs):
+            apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs])
+        tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        outputs = []
+        for seq, token, log_prob in zip(seqs, tokens.tolist(), log_probs.tolist()):
+            seq.token_ids.append(token)
+            seq.output_log_probs.append(log_prob)
+            reason = self._finish_reason(seq, token)
+            if reason is None and seq.role is not Role.CONTEXT_ONLY:
+                outputs.append(self._emit(seq, finished=False))
+            else:
+                outputs.append(self._finish(seq, reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and params.end_id is not None and token == params.end_id:
+            return "stop"
+        output = seq.output_ids
+        if any(output[-len(word):] == list(word) for word in params.stop_words):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+    def _emit(self, seq: Sequence, finished: bool, reason: str | None = None) -> RequestOutput:
+        new = seq.output_ids[seq.num_emitted :]
+        new_log_probs = seq.output_log_probs[seq.num_emitted :] if seq.params.return_log_probs else []
+        if reason == "stop" and new and not seq.params.ignore_eos and new[-1] == seq.params.end_id:
+            new, new_log_probs = new[:-1], new_log_probs[:-1]
+        seq.num_emitted = seq.num_output_tokens
+        return RequestOutput(
+            seq.request_id,
+            new,
+            new_log_probs,
+            finished,
+            reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def _finish(self, seq: Sequence, reason: str | None) -> RequestOutput:
+        self.scheduler.remove(seq)
+        output = self._emit(seq, finished=True, reason=reason)
+        if seq.role is Role.CONTEXT_ONLY and reason is None:
+            seq.status = Status.KV_HELD
+            output.kv_block_ids = list(seq.block_table)
+            return output
+        self.block_manager.free(seq.block_table)
+        seq.status = Status.FINISHED
+        self._sequences.pop(seq.request_id, None)
+        return output
+
+    # ----------------------------------------------------------------- helpers
+    def _admit(self, seq: Sequence) -> None:
+        if seq.request_id in self._sequences:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        seq.params.validate(seq.num_prompt_tokens, self.max_model_len, self.vocab_size)
+        needed = self.block_manager.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise CapacityError(
+                f"the request needs up to {needed} KV blocks and this instance has {self.block_manager.num_blocks}: "
+                "lower max_tokens or the prompt length, or raise kv_cache_memory_bytes"
+            )
+        if not seq.params.greedy:
+            seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
+        self._sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _with_defaults(self, params: SamplingParams) -> SamplingParams:
+        if params.end_id is None and self.model.eos_token_ids:
+            return dataclasses.replace(params, end_id=self.model.eos_token_ids[0])
+        return params

@@ -1,0 +1,191 @@
+"""Runs an engine on a background thread so a Triton `execute` only enqueues.
+
+The engine is not thread-safe: every call into it happens on the loop thread, between steps.
+Other threads hand work over as commands; outputs come back through per-request callbacks,
+which run on the loop thread (a Triton response sender may be used from any thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from python_backend_utils.engine.engine import LLMEngine
+from python_backend_utils.engine.outputs import RequestOutput
+from python_backend_utils.engine.sampling_params import SamplingParams
+from python_backend_utils.engine.sequence import Role
+from python_backend_utils.errors import RequestAbortedError
+
+logger = logging.getLogger(__name__)
+
+# How long the loop sleeps when all it has are sequences waiting for KV to arrive.
+_KV_POLL_INTERVAL_S = 0.001
+# is_cancelled() is a round trip to the Triton server per request: ask at most this often.
+_CANCEL_POLL_INTERVAL_S = 0.02
+# How often `on_tick` (metrics publishing) runs, busy or idle.
+_TICK_INTERVAL_S = 0.25
+
+
+@dataclass
+class _Subscriber:
+    on_output: Callable[[RequestOutput], None]
+    is_cancelled: Callable[[], bool]
+    on_error: Callable[[Exception], None] | None
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_tick: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self._on_tick = on_tick
+        self._next_tick = 0.0
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stopping = False
+        self._next_cancel_poll = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], None],
+        is_cancelled: Callable[[], bool] = lambda: False,
+        on_error: Callable[[Exception], None] | None = None,
+        role: Role = Role.BOTH,
+    ) -> None:
+        """Queue a request prefilled here (aggregated or context-only).
+
+        Invalid requests raise here, in the caller's thread."""
+        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        subscriber = _Subscriber(on_output, is_cancelled, on_error)
+        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_request(
+            request_id, prompt_ids, params, role)))
+
+    def submit_generation(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        start_pull: Callable[[list[int]], Callable[[], bool]],
+        on_output: Callable[[RequestOutput], None],
+        is_cancelled: Callable[[], bool] = lambda: False,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """Queue a generation-only request (see LLMEngine.add_generation_request)."""
+        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        subscriber = _Subscriber(on_output, is_cancelled, on_error)
+        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_generation_request(
+            request_id, prompt_ids, first_token, params, start_pull)))
+
+    def stop_request(self, request_id: str, reason: str) -> None:
+        """Abort a request from any thread; its subscriber gets RequestAbortedError(reason)."""
+        self.call_soon(lambda: self._abort(request_id, reason))
+
+    def call_soon(self, command: Callable[[], None]) -> None:
+        """Run `command` on the loop thread before the next step (the only safe way to touch the engine)."""
+        self._commands.put(command)
+
+    def _admit(self, request_id: str, subscriber: _Subscriber, add: Callable[[], None]) -> None:
+        try:
+            add()
+        except Exception as error:  # noqa: BLE001 - the request fails, the loop goes on
+            self._fail(subscriber, error)
+            return
+        self._subscribers[request_id] = subscriber
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        self.engine.abort(request_id)
+        subscriber = self._subscribers.pop(request_id, None)
+        if subscriber is not None:
+            # The final flag still has to go out, or Triton waits on the request at unload.
+            self._fail(subscriber, RequestAbortedError(reason))
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._tick()
+            idle = not self.engine.has_unfinished()
+            self._drain_commands(block=idle, timeout=_TICK_INTERVAL_S if idle and self._on_tick else None)
+            self._drop_cancelled()
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # noqa: BLE001 - fail the batch, keep serving
+                logger.exception("engine step failed; failing its requests")
+                for request_id, subscriber in list(self._subscribers.items()):
+                    self.engine.abort(request_id)
+                    self._fail(subscriber, error)
+                self._subscribers.clear()
+                continue
+            for output in outputs:
+                self._deliver(output)
+            if self.engine.last_step_num_tokens == 0:
+                self._drain_commands(block=True, timeout=_KV_POLL_INTERVAL_S)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self._on_tick is None or now < self._next_tick:
+            return
+        self._next_tick = now + _TICK_INTERVAL_S
+        try:
+            self._on_tick()
+        except Exception:  # noqa: BLE001 - metrics must never stop serving
+            logger.exception("on_tick failed")
+
+    def _deliver(self, output: RequestOutput) -> None:
+        subscriber = self._subscribers.get(output.request_id)
+        if subscriber is None:
+            return
+        if output.finished:
+            del self._subscribers[output.request_id]
+        try:
+            subscriber.on_output(output)
+        except Exception as error:  # noqa: BLE001 - one bad callback must not stop the loop
+            logger.exception("output callback for %s failed; aborting it", output.request_id)
+            self.engine.abort(output.request_id)
+            self._subscribers.pop(output.request_id, None)
+            self._fail(subscriber, error)  # the client hears of it instead of waiting for its timeout
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        if now < self._next_cancel_poll:
+            return
+        self._next_cancel_poll = now + _CANCEL_POLL_INTERVAL_S
+        for request_id, subscriber in list(self._subscribers.items()):
+            if subscriber.is_cancelled():
+                self._abort(request_id, f"request {request_id} was cancelled by the client")
+
+    def _drain_commands(self, block: bool, timeout: float | None = None) -> None:
+        try:
+            command = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+        self._stopping = True
+
+    @staticmethod
+    def _fail(subscriber: _Subscriber, error: Exception) -> None:
+        if subscriber.on_error is not None:
+            try:
+                subscriber.on_error(error)
+            except Exception:  # noqa: BLE001
+                logger.exception("error callback failed")

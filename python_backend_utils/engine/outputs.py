@@ -1,0 +1,17 @@
+"""What the engine reports for a request after each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # produced since the last output for this request
+    log_probs: list[float]  # same length, filled when the request asked for them
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" | "abort" | None (context-only: KV held for a pull)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    kv_block_ids: list[int] | None = None  # context-only: the blocks holding the prompt's KV

@@ -1,0 +1,300 @@
+"""A Llama-family decoder that reads and writes a paged KV pool.
+
+transformers loads the checkpoint (so any Llama/Mistral/Qwen2/Qwen3 directory works, and its
+rotary tables are the reference's); the forward pass is ours: fused QKV and gate/up projections,
+one flat batch of tokens from many sequences per step, and attention over KV gathered from blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.errors import InvalidRequestError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a Llama-family decoder this runner implements."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`length` tokens of one sequence, starting at position `start`, processed in this step."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool  # the chunk ends at the sequence's last token: its logits pick the next token
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class KVPool:
+    """One tensor, block-major: [num_blocks, num_layers, 2 (k, v), block_size, kv_heads, head_dim].
+
+    A block (every layer's K and V for `block_size` tokens) is one contiguous piece of memory,
+    which is what a KV transfer moves. For compute the pool is read as rows of kv_heads*head_dim.
+    """
+
+    def __init__(
+        self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: str, allocate=None
+    ) -> None:
+        self.block_size = block_size
+        self.num_layers = shape.num_layers
+        dims = (num_blocks, shape.num_layers, 2, block_size, shape.num_kv_heads, shape.head_dim)
+        if allocate is None:
+            self.tensor = torch.zeros(dims, dtype=dtype, device=device)
+        else:
+            self.tensor = allocate(shape, num_blocks, block_size, dtype, device)
+            if tuple(self.tensor.shape) != dims or self.tensor.dtype != dtype or not self.tensor.is_contiguous():
+                raise ValueError(f"the pool allocator returned {tuple(self.tensor.shape)} {self.tensor.dtype}, "
+                                 f"expected contiguous {dims} {dtype}")
+        self.rows = self.tensor.view(-1, shape.num_kv_heads * shape.head_dim)
+        self.rows_per_block = shape.num_layers * 2 * block_size
+
+    @staticmethod
+    def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return shape.num_layers * 2 * block_size * shape.num_kv_heads * shape.head_dim * element
+
+    def base_rows(self, block_table: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Row of layer 0's K for each position; layer l's K is +2l*block_size, its V +(2l+1)*block_size."""
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.rows_per_block + positions % self.block_size
+
+
+class PagedCausalLM:
+    def __init__(self, config: EngineConfig, model_dir: str) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"{model_dir} is a {hf_config.model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        text_config = hf_model.config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.shape = ModelShape(
+            num_layers=text_config.num_hidden_layers,
+            num_heads=text_config.num_attention_heads,
+            num_kv_heads=text_config.num_key_value_heads,
+            head_dim=head_dim,
+            hidden_size=text_config.hidden_size,
+            vocab_size=text_config.vocab_size,
+            max_position_embeddings=text_config.max_position_embeddings,
+        )
+        self.eps = text_config.rms_norm_eps
+        self.sliding_window = getattr(text_config, "sliding_window", None) if getattr(
+            text_config, "use_sliding_window", True
+        ) else None
+        self.eos_token_ids = _eos_ids(hf_model.generation_config.eos_token_id or text_config.eos_token_id)
+        self._load_weights(hf_model)
+        self.max_model_len = self._max_model_len(config.max_model_len)
+        self.cos, self.sin = self._rotary_tables(hf_model, self.max_model_len)
+        del hf_model
+
+    def _max_model_len(self, configured: int) -> int:
+        from python_backend_utils.engine.config import DEFAULT_MAX_MODEL_LEN_CAP
+
+        limit = self.shape.max_position_embeddings
+        if self.sliding_window:
+            limit = min(limit, self.sliding_window)
+        if configured:
+            if configured > limit:
+                raise InvalidRequestError(f"max_model_len={configured} exceeds what the model supports ({limit})")
+            return configured
+        return min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
+
+    def _load_weights(self, hf_model) -> None:
+        def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().to(self.device, self.dtype).contiguous()
+
+        body = hf_model.model
+        self.embed = take(body.embed_tokens.weight)
+        self.final_norm = take(body.norm.weight)
+        self.lm_head = take(hf_model.lm_head.weight)
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            self.layers.append(
+                _Layer(
+                    input_norm=take(layer.input_layernorm.weight),
+                    qkv=take(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                    qkv_bias=take(torch.cat(biases)) if biases[0] is not None else None,
+                    q_norm=take(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
+                    k_norm=take(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
+                    o_proj=take(attn.o_proj.weight),
+                    post_norm=take(layer.post_attention_layernorm.weight),
+                    gate_up=take(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=take(mlp.down_proj.weight),
+                )
+            )
+
+    def _rotary_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length).unsqueeze(0)
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = hf_model.model.rotary_emb(probe, positions)
+        return cos[0].to(self.device, self.dtype), sin[0].to(self.device, self.dtype)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, chunks: list[Chunk], pool: KVPool) -> torch.Tensor:
+        """Run one step over the chunks; write their KV into `pool`; return logits of the sampling chunks."""
+        shape = self.shape
+        plan = _StepPlan(chunks, pool, self.device)
+        hidden = F.embedding(plan.input_ids, self.embed)
+        cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
+        q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            qkv = F.linear(self._norm(hidden, layer.input_norm), layer.qkv, layer.qkv_bias)
+            q = qkv[:, :q_width].view(-1, shape.num_heads, shape.head_dim)
+            k = qkv[:, q_width : q_width + kv_width].view(-1, shape.num_kv_heads, shape.head_dim)
+            v = qkv[:, q_width + kv_width :].view(-1, shape.num_kv_heads, shape.head_dim)
+            if layer.q_norm is not None:
+                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            key_rows = plan.write_rows + 2 * index * pool.block_size
+            value_rows = key_rows + pool.block_size
+            pool.rows.index_copy_(0, key_rows, k.reshape(-1, kv_width).to(pool.rows.dtype))
+            pool.rows.index_copy_(0, value_rows, v.reshape(-1, kv_width).to(pool.rows.dtype))
+            attended = plan.attend(q, k, v, pool, index, self.dtype)
+            hidden = residual + F.linear(attended, layer.o_proj)
+            residual = hidden
+            gate, up = F.linear(self._norm(hidden, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
+            hidden = residual + F.linear(F.silu(gate) * up, layer.down)
+        last = self._norm(hidden[plan.sample_rows], self.final_norm)
+        if last.shape[0] == 1:
+            return F.linear(last, self.lm_head)
+        # Measured with MKL on AVX2: for several rows the vocabulary-major product is 1.3-1.5x
+        # faster than F.linear's, which packs the whole 49152-row matrix for a handful of rows.
+        return torch.mm(self.lm_head, last.t()).t()
+
+
+class _StepPlan:
+    """Indices for one step, computed once and shared by every layer.
+
+    Single-token chunks (decode) attend together over KV gathered into a padded batch; longer
+    chunks (prefill) attend one by one, over their own new K/V when nothing precedes them.
+    """
+
+    def __init__(self, chunks: list[Chunk], pool: KVPool, device: torch.device) -> None:
+        ids, positions, rows, sample_rows = [], [], [], []
+        self.decode_tokens: list[int] = []
+        decode_contexts: list[torch.Tensor] = []
+        self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
+        offset = 0
+        for chunk in chunks:
+            length = len(chunk.token_ids)
+            chunk_positions = torch.arange(chunk.start, chunk.start + length)
+            ids.extend(chunk.token_ids)
+            positions.append(chunk_positions)
+            rows.append(pool.base_rows(chunk.block_table, chunk_positions))
+            context_rows = None
+            if length == 1 or chunk.start > 0:
+                context_rows = pool.base_rows(chunk.block_table, torch.arange(chunk.start + length))
+            if length == 1:
+                self.decode_tokens.append(offset)
+                decode_contexts.append(context_rows)
+            else:
+                self.prefills.append((offset, length, chunk.start, context_rows))
+            if chunk.sample:
+                sample_rows.append(offset + length - 1)
+            offset += length
+        self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.positions = torch.cat(positions).to(device)
+        self.write_rows = torch.cat(rows).to(device)
+        self.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        self.num_tokens = offset
+        if decode_contexts:
+            longest = max(len(c) for c in decode_contexts)
+            padded = torch.zeros(len(decode_contexts), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_contexts), 1, 1, longest, dtype=torch.bool)
+            for row, context in enumerate(decode_contexts):
+                padded[row, : len(context)] = context
+                mask[row, 0, 0, : len(context)] = True
+            self.decode_rows = padded.to(device)
+            self.decode_mask = None if bool(mask.all()) else mask.to(device)
+            self.decode_index = torch.tensor(self.decode_tokens, dtype=torch.long, device=device)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: KVPool, layer: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        kv_heads = k.shape[1]
+        out = torch.empty(self.num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+        key_offset, value_offset = 2 * layer * pool.block_size, (2 * layer + 1) * pool.block_size
+        if self.decode_tokens:
+            batch, longest = self.decode_rows.shape
+            keys = pool.rows[self.decode_rows + key_offset].to(dtype).view(batch, longest, kv_heads, head_dim)
+            values = pool.rows[self.decode_rows + value_offset].to(dtype).view(batch, longest, kv_heads, head_dim)
+            queries = q[self.decode_index].unsqueeze(2)  # [batch, heads, 1, dim]
+            result = F.scaled_dot_product_attention(
+                queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=self.decode_mask, enable_gqa=True
+            )
+            out[self.decode_index] = result.reshape(batch, num_heads * head_dim)
+        for offset, length, start, context_rows in self.prefills:
+            queries = q[offset : offset + length].transpose(0, 1).unsqueeze(0)
+            if context_rows is None:
+                keys, values = k[offset : offset + length], v[offset : offset + length]
+                mask, causal = None, True
+            else:
+                keys = pool.rows[context_rows + key_offset].to(dtype).view(-1, kv_heads, head_dim)
+                values = pool.rows[context_rows + value_offset].to(dtype).view(-1, kv_heads, head_dim)
+                query_positions = torch.arange(start, start + length, device=q.device).unsqueeze(1)
+                mask = torch.arange(start + length, device=q.device).unsqueeze(0) <= query_positions
+                causal = False
+            result = F.scaled_dot_product_attention(
+                queries,
+                keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=True,
+            )
+            out[offset : offset + length] = result[0].transpose(0, 1).reshape(length, num_heads * head_dim)
+        return out
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)

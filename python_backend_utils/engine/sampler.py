@@ -1,0 +1,50 @@
+"""The batched sampler: one token per sequence from a step's logits."""
+
+from __future__ import annotations
+
+import torch
+
+from python_backend_utils.engine.sampling_params import SamplingParams
+
+
+def apply_bad_words(logits: torch.Tensor, histories: list[list[int]],
+                    bad_words: list[tuple[tuple[int, ...], ...]]) -> None:
+    """Ban the last token of every bad word whose other tokens end the history (in place)."""
+    for row, (history, words) in enumerate(zip(histories, bad_words)):
+        for word in words:
+            prefix = list(word[:-1])
+            if not prefix or history[-len(prefix):] == prefix:
+                logits[row, word[-1]] = float("-inf")
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row; return (token ids, log-probabilities of those tokens).
+
+    Greedy rows take the argmax of the raw distribution; sampled rows draw from the
+    temperature-scaled, top-k/top-p-filtered one, each from its own seeded generator so a
+    request's draws do not depend on what it is batched with.
+    """
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    for row in sampled_rows:
+        p = params[row]
+        scaled = logits[row] / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+            scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+        probs = torch.softmax(scaled, dim=-1)
+        tokens[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
+        logprobs[row] = torch.log_softmax(scaled, dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, chosen

@@ -1,0 +1,68 @@
+"""Per-request sampling settings and their checks: torch-free, so the Triton glue and the
+orchestrator can build and validate them without loading the engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from python_backend_utils.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of decoding. temperature 0 (the default) or top_k 1 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    end_id: int | None = None
+    pad_id: int | None = None  # accepted for TensorRT-LLM compatibility and checked; nothing is padded
+    stop_words: tuple[tuple[int, ...], ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    return_log_probs: bool = False
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, prompt_len: int, max_model_len: int, vocab_size: int) -> None:
+        if prompt_len <= 0:
+            raise InvalidRequestError("the prompt is empty: send at least one token")
+        if prompt_len >= max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens, the model's context window is {max_model_len}: "
+                f"shorten it to at most {max_model_len - 1} tokens"
+            )
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if prompt_len + self.max_tokens > max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) exceeds the context window "
+                f"of {max_model_len}: ask for at most {max_model_len - prompt_len} tokens"
+            )
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        for value, name in ((self.end_id, "end_id"), (self.pad_id, "pad_id")):
+            if value is not None and not 0 <= value < vocab_size:
+                raise InvalidRequestError(f"{name} {value} is outside the vocabulary [0, {vocab_size})")
+        for words, name in ((self.stop_words, "stop_words"), (self.bad_words, "bad_words")):
+            for word in words:
+                if not word:
+                    raise InvalidRequestError(f"{name} holds an empty word (an empty string tokenizes to nothing)")
+                check_token_ids(word, vocab_size, name)
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, name: str) -> None:
+    """Refuse ids the model has no embedding for: one would fail the whole batch it lands in."""
+    if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab_size:
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise InvalidRequestError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")

@@ -1,0 +1,68 @@
+"""A request as the engine tracks it."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from python_backend_utils.engine.sampling_params import SamplingParams
+
+
+class Role(enum.Enum):
+    """Which phases this instance runs for a request."""
+
+    BOTH = "both"  # aggregated: prefill and decode here
+    CONTEXT_ONLY = "context_only"  # prefill, first token, then hold the KV for a generation instance
+    GENERATION_ONLY = "generation_only"  # KV arrives from a context instance, decode here
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, no blocks yet
+    AWAITING_KV = "awaiting_kv"  # generation-only: blocks allocated, KV being pulled
+    RUNNING = "running"
+    KV_HELD = "kv_held"  # context-only: done computing, blocks pinned until released
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids are prompt + generated; KV is computed for the first `num_computed` of them.
+
+    Every step processes some of the not-yet-computed tokens; when a step reaches the last
+    token, its logits give the next token. Prefill, chunked prefill, decode, recompute after
+    preemption and the local fallback of a failed KV pull are all this one rule.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    role: Role = Role.BOTH
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    block_hash_chain: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    output_log_probs: list[float] = field(default_factory=list)
+    # Generation-only: called with the block table once blocks are allocated, returns the poll below.
+    start_pull: Callable[[list[int]], Callable[[], bool]] | None = None
+    # Polled between steps: True when the pulled KV is in place; raises if the pull failed.
+    kv_ready: Callable[[], bool] | None = None
+    finish_reason: str | None = None
+    num_emitted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]

@@ -1,0 +1,364 @@
+"""The disaggregated request path, driven from an async BLS `execute`.
+
+Per request: a context instance (chosen by its router) prefills and returns the first token,
+which goes to the client at once; a generation instance (chosen by its router) pulls the KV
+and streams the rest. A failed or timed-out context call is retried once on another context
+instance, then the generation instance prefills locally; prompts shorter than the deployment's
+threshold go straight there. A generation call that fails before its first response is tried
+once more on another generation instance. The client-facing responses are assembled here, so
+streaming and non-streaming clients see exactly what the aggregated model would send.
+
+Instances are targets of two kinds behind the same routers and the same logic: versions of a
+model on this server, reached through BLS, and models on other servers (`remote.py`, gRPC).
+Membership changes at runtime (`apply`, `set_health`, called from the membership thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backend_utils.errors import InvalidRequestError, RequestAbortedError
+from python_backend_utils.orchestration.deployment import Deployment
+from python_backend_utils.orchestration.membership import diff_targets, group_targets
+from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
+from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
+from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
+from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
+from python_backend_utils.serving.triton_io import ResponseAssembler, generation_request, request_inputs
+
+logger = logging.getLogger(__name__)
+
+WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
+CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
+# Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
+# request in flight waits for its next response on one of these threads, off the event loop.
+MAX_REQUESTS_IN_FLIGHT = 256
+STOP_TIMEOUT_S = 5.0
+# A request on an instance of this server that has been silent this long makes the orchestrator
+# check that the instance's stub process still lives: requests running in a stub that died get
+# no answer ever again, and the timeouts of a generation call are long.
+CHECK_STUB_AFTER_S = 2.0
+GROUPS = ("context", "generation")
+
+
+@dataclass
+class OrchestratorStats:
+    requests: int = 0
+    disaggregated: int = 0
+    local_prefill: int = 0  # conditional disaggregation: short prompts
+    context_retries: int = 0
+    context_fallbacks: int = 0  # every context attempt failed: prefilled on the generation instance
+    cancelled: int = 0
+    context_phase_seconds: float = 0.0
+    generation_phase_seconds: float = 0.0
+    output_tokens: int = 0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "requests_total": self.requests,
+            "disaggregated_total": self.disaggregated,
+            "local_prefill_total": self.local_prefill,
+            "context_retries_total": self.context_retries,
+            "context_fallbacks_total": self.context_fallbacks,
+            "cancelled_total": self.cancelled,
+            "context_phase_seconds_total": self.context_phase_seconds,
+            "generation_phase_seconds_total": self.generation_phase_seconds,
+            "output_tokens_total": self.output_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class ContextResult:
+    first_tokens: list[int]
+    log_probs: list[float]
+    params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
+
+
+class Orchestrator:
+    def __init__(self, deployment: Deployment, context_block_size: int) -> None:
+        self.deployment = deployment
+        self.block_size = context_block_size
+        self.routers: dict[str, Router] = {
+            name: make_router(group_targets(group), group.router, context_block_size)
+            for name, group in zip(GROUPS, self._groups(deployment))
+        }
+        self.remote = RemoteWorkers()
+        self.stats = OrchestratorStats()
+        # Told when a routed request could not reach a remote target (the membership monitor).
+        self.on_unreachable: Callable[[Target], None] = lambda target: None
+        # Told when an instance on this server lost its stub (by every request that finds out).
+        self.on_stub_died: Callable[[Target], None] = lambda target: None
+        # Whether the stub process of an instance on this server lives (stub_recovery.StubWatch).
+        self.stub_running: Callable[[Target], bool] = lambda target: True
+        # Bumped when a local target's stub is found dead and when its replacement is ready: a
+        # request opened under an older count runs on a stub that is gone, whatever runs now.
+        self._stub_generations: dict[Target, int] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
+        self._loop_with_executor: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def context_router(self) -> Router:
+        return self.routers["context"]
+
+    @property
+    def generation_router(self) -> Router:
+        return self.routers["generation"]
+
+    @staticmethod
+    def _groups(deployment: Deployment):
+        return deployment.context_servers, deployment.generation_servers
+
+    # ------------------------------------------------------------ membership
+    def apply(self, deployment: Deployment) -> None:
+        """A new deployment: new targets take requests now, removed ones drain, settings apply."""
+        for name, group in zip(GROUPS, self._groups(deployment)):
+            router, targets = self.routers[name], group_targets(group)
+            change = diff_targets(router.targets, targets)
+            if group.router != router.config:
+                replacement = make_router(targets, group.router, self.block_size)
+                replacement.adopt(router)
+                self.routers[name] = replacement
+                logger.info("%s router is now %s", name, group.router)
+            else:
+                router.set_targets(targets)
+            if change:
+                logger.info("%s instances: added %s, removed %s (they finish what they run)", name,
+                            [str(t) for t in change.added] or "none", [str(t) for t in change.removed] or "none")
+        self.remote.set_urls({t.url for r in self.routers.values() for t in r.targets if t.url})
+        self.deployment = deployment
+
+    def set_health(self, target: Target, healthy: bool) -> None:
+        for router in self.routers.values():
+            router.set_healthy(target, healthy)
+
+    def remote_targets(self) -> list[Target]:
+        """Remote targets in rotation or draining: the ones health checks watch."""
+        return [t for r in self.routers.values() for t in r.snapshot() if t.url]
+
+    # ------------------------------------------------------------ requests
+    async def serve(self, request) -> None:
+        self._use_executor_for_bls()
+        sender = request.get_response_sender()
+        try:
+            await self._serve(request, sender)
+        except ClientError as error:
+            refusal = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+            sender.send(pb_utils.InferenceResponse(error=refusal), flags=FINAL)
+        except Exception as error:  # noqa: BLE001 - every request ends with a final response
+            if not isinstance(error, (InvalidRequestError, RequestAbortedError)):
+                logger.exception("disaggregated request failed")
+            sender.send(error_response(error), flags=FINAL)
+        except asyncio.CancelledError:
+            # Not an Exception: without this the client would wait for an answer that never comes.
+            logger.exception("disaggregated request cancelled inside the orchestrator")
+            sender.send(error_response(WorkerFailed("a call to a worker was cancelled inside the orchestrator")),
+                        flags=FINAL)
+            raise
+
+    def _use_executor_for_bls(self) -> None:
+        """`InferenceRequest.async_exec` runs on the loop's default executor and holds a thread until
+        the first response: with the default's min(32, cores + 4) threads (6 here), a burst of
+        requests would wait in that queue before any of them reached a worker."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop_with_executor:
+            loop.set_default_executor(self._executor)
+            self._loop_with_executor = loop
+
+    async def _serve(self, request, sender) -> None:
+        self.stats.requests += 1
+        inputs = request_inputs(request)
+        generation = generation_request(inputs)
+        assembler = ResponseAssembler(generation)
+        request_id = uuid.uuid4().hex
+        prompt = generation.prompt_ids
+        worker_inputs = {name: array for name, array in inputs.items() if name not in ("streaming", "stop")}
+        worker_inputs["streaming"] = np.array([True])
+        deployment = self.deployment
+
+        started = time.monotonic()
+
+        def deliver(token_ids: list[int], log_probs: list[float], finished: bool) -> None:
+            self.stats.output_tokens += len(token_ids)
+            response = assembler.add(token_ids, log_probs, finished)
+            if response is not None:
+                send_tensors(sender, response.tensors, response.final)
+
+        context = None
+        if len(prompt) >= deployment.min_disaggregated_prompt_tokens:
+            context = await self._context_phase(request_id, worker_inputs, prompt, deployment)
+            if context is None:
+                self.stats.context_fallbacks += 1
+        else:
+            self.stats.local_prefill += 1
+        generation_started = time.monotonic()
+        if context is not None:
+            self.stats.disaggregated += 1
+            self.stats.context_phase_seconds += generation_started - started
+            finished = context.params is None
+            deliver(context.first_tokens, context.log_probs, finished)
+            if finished:
+                return
+            worker_inputs["context_phase_params"] = context.params
+        await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
+                                     deliver, deployment)
+        self.stats.generation_phase_seconds += time.monotonic() - generation_started
+
+    async def _context_phase(self, request_id: str, inputs, prompt: list[int],
+                             deployment: Deployment) -> ContextResult | None:
+        tried: set[Target] = set()
+        for attempt in range(2):
+            try:
+                target = self.context_router.choose(prompt, frozenset(tried))
+            except NoTargetError:
+                return None
+            tried.add(target)
+            if attempt:
+                self.stats.context_retries += 1
+            worker_id = f"{request_id}-ctx{attempt}"
+            self.context_router.started(target, len(prompt))
+            try:
+                stream = await self._open(target, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
+                responses = []
+                while (outputs := await stream.next(deployment.context_timeout_s)) is not None:
+                    responses.append(outputs)
+            except ClientError:
+                raise
+            except Exception as error:  # noqa: BLE001 - failed, unreachable or timed out: try elsewhere
+                logger.warning("context instance %s failed (%r); %s", target, error,
+                               "retrying elsewhere" if attempt == 0 else "prefilling on the generation instance")
+                await self._abandon(target, worker_id, error)
+                continue
+            finally:
+                self.context_router.finished(target, len(prompt))
+            tokens, log_probs, params = [], [], None
+            for outputs in responses:
+                tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
+                log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
+                if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
+                    params = outputs["context_phase_params"].reshape(-1)
+            return ContextResult(tokens, log_probs, params)
+        return None
+
+    async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
+                                deployment: Deployment) -> None:
+        load = len(prompt) + max_tokens
+        tried: set[Target] = set()
+        for attempt in range(2):
+            # An instance marked unhealthy is still better than failing the request outright.
+            target = self.generation_router.choose(prompt, frozenset(tried), allow_unhealthy=True)
+            tried.add(target)
+            worker_id = f"{request_id}-gen{attempt}"
+            received = False
+            self.generation_router.started(target, load)
+            try:
+                # A busy generation instance queues the request: its first answer may take as long as any.
+                stream = await self._open(target, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
+                while True:
+                    if request.is_cancelled():
+                        self.stats.cancelled += 1
+                        await self._stop(target, worker_id)
+                        raise RequestAbortedError("the request was cancelled by the client")
+                    try:
+                        outputs = await stream.next(deployment.generation_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise WorkerFailed(f"generation instance {target} sent nothing for "
+                                           f"{deployment.generation_timeout_s} s") from None
+                    if outputs is None:
+                        deliver([], [], True)
+                        return
+                    received = True
+                    deliver(outputs["output_ids"].reshape(-1).tolist(),
+                            outputs["output_log_probs"].reshape(-1).tolist(), False)
+            except (ClientError, RequestAbortedError):
+                raise
+            except Exception as error:  # noqa: BLE001 - before its first token, another instance may take it
+                await self._abandon(target, worker_id, error)
+                if received or attempt or len(self.generation_router.targets) <= 1:
+                    raise
+                logger.warning("generation instance %s failed before its first token (%r); retrying elsewhere",
+                               target, error)
+            finally:
+                self.generation_router.finished(target, load)
+
+    async def _open(self, target: Target, worker_id: str, inputs: dict[str, np.ndarray], outputs: list[str],
+                    timeout: float) -> WorkerStream:
+        """Start a worker request on a target; the stream's `next` gives its responses."""
+        if target.url is not None:
+            return self.remote.open(target.url, target.model_name, target.version, worker_id, inputs, outputs)
+        inner = pb_utils.InferenceRequest(
+            model_name=target.model_name,
+            model_version=target.version,
+            inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+            requested_output_names=outputs,
+            request_id=worker_id,
+        )
+        # Submitting returns with the request's first response, so it waits like every response.
+        generation = self._stub_generations.get(target, 0)
+        wait = functools.partial(self._wait_while_alive, target, generation)
+        try:
+            iterator = await wait(asyncio.ensure_future(inner.async_exec(decoupled=True)), timeout)
+        except asyncio.TimeoutError:
+            raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
+        return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
+            self._stub_generations.get(target, 0) == generation and self.stub_running(target)))
+
+    async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
+        """`future`'s result within `timeout`, checking the target's stub process whenever the wait
+        has lasted CHECK_STUB_AFTER_S; raises StubDied as soon as the process is gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), min(CHECK_STUB_AFTER_S, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            if self._stub_generations.get(target, 0) != generation or not self.stub_running(target):
+                raise StubDied(f"{target}: its stub process died while the request ran there")
+
+    async def _stop_local(self, target: Target, worker_id: str) -> None:
+        stop = pb_utils.InferenceRequest(
+            model_name=target.model_name,
+            model_version=target.version,
+            inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
+            requested_output_names=[],
+            request_id=worker_id,
+        )
+        submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
+        await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
+
+    def stub_replaced(self, target: Target) -> None:
+        """The stub of a local target died or was replaced: requests opened before run on a dead one."""
+        self._stub_generations[target] = self._stub_generations.get(target, 0) + 1
+
+    async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
+        """After a failed call: an unreachable server or a dead stub leaves rotation, a live one is told to stop."""
+        if isinstance(error, TargetUnreachable):
+            self.on_unreachable(target)
+        elif isinstance(error, StubDied) and not self.stub_running(target):  # Triton calls a frozen stub unhealthy too
+            self.stub_replaced(target)
+            self.on_stub_died(target)
+        else:
+            await self._stop(target, worker_id)
+
+    async def _stop(self, target: Target, worker_id: str) -> None:
+        """Ask an instance to abort a request it may still be running (its KV is freed)."""
+        try:
+            if target.url is not None:
+                await asyncio.wait_for(
+                    self.remote.stop(target.url, target.model_name, target.version, worker_id, STOP_TIMEOUT_S),
+                    2 * STOP_TIMEOUT_S)
+                return
+            await self._stop_local(target, worker_id)
+        except Exception:  # noqa: BLE001 - a dead instance has nothing left to stop
+            logger.info("could not stop %s on %s", worker_id, target)

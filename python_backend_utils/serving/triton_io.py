@@ -1,0 +1,185 @@
+"""Conversions between Triton tensors (as numpy arrays) and the engine's types.
+
+Tensor names and layouts follow TensorRT-LLM's Triton models (preprocessing, tensorrt_llm,
+postprocessing) so that steps of our ensemble can be swapped for theirs and their clients work.
+Nothing here imports triton_python_backend_utils: the model.py files wrap these arrays in
+pb_utils tensors, and everything below can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from python_backend_utils.engine.sampling_params import SamplingParams
+from python_backend_utils.errors import InvalidRequestError
+from python_backend_utils.serving.detokenize import PRECEDING_TOKENS
+
+
+class TritonTensor(Protocol):
+    def name(self) -> str: ...
+    def as_numpy(self) -> np.ndarray: ...
+
+
+class TritonRequest(Protocol):
+    def inputs(self) -> list[TritonTensor]: ...
+
+
+def model_parameters(model_config_json: str) -> dict[str, str]:
+    """The `parameters` of a config.pbtxt as plain strings (Triton hands them over as JSON)."""
+    parameters = json.loads(model_config_json).get("parameters", {})
+    return {name: value["string_value"] for name, value in parameters.items()}
+
+
+def request_inputs(request: TritonRequest) -> dict[str, np.ndarray]:
+    """Every input the client sent, by name; optional inputs it left out are absent."""
+    return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+
+
+def scalar(inputs: dict[str, np.ndarray], name: str, default):
+    """The single value of a [1]-shaped input, or `default` when the input was not sent."""
+    value = inputs.get(name)
+    if value is None:
+        return default
+    if value.size != 1:
+        raise InvalidRequestError(f"{name} must hold exactly one value, got shape {list(value.shape)}")
+    return value.reshape(-1)[0].item()
+
+
+def decode_text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequestError(f"{name} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def encode_word_list(words: list[list[int]]) -> np.ndarray:
+    """TensorRT-LLM's word-list layout: [2, N] int32, row 0 the words' ids back to back, row 1 the
+    end offset of each word; the ids row is padded with 0 and the offsets row with -1.
+    No words is [[0], [-1]], so the tensor is never empty."""
+    flat = [token for word in words for token in word]
+    offsets = np.cumsum([len(word) for word in words]).tolist()
+    width = max(len(flat), len(offsets), 1)
+    encoded = np.zeros((2, width), dtype=np.int32)
+    encoded[0, : len(flat)] = flat
+    encoded[1, :] = -1
+    encoded[1, : len(offsets)] = offsets
+    return encoded
+
+
+def decode_word_list(encoded: np.ndarray | None, name: str) -> tuple[tuple[int, ...], ...]:
+    """The inverse of encode_word_list (a leading batch dimension of 1 is accepted)."""
+    if encoded is None:
+        return ()
+    if encoded.ndim == 3 and encoded.shape[0] == 1:
+        encoded = encoded[0]
+    if encoded.ndim != 2 or encoded.shape[0] != 2:
+        raise InvalidRequestError(f"{name} must have shape [2, N], got {list(encoded.shape)}")
+    ids, offsets = encoded[0].tolist(), encoded[1].tolist()
+    words, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        if not start <= end <= len(ids):
+            raise InvalidRequestError(f"{name} has an offset {end} outside its {len(ids)} ids")
+        words.append(tuple(ids[start:end]))
+        start = end
+    return tuple(words)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request to the middle step (`aggregated`, later `disaggregated_serving_bls`)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    streaming: bool
+    exclude_input_in_output: bool
+
+
+def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
+    """Read the middle step's inputs, named as in TensorRT-LLM's `tensorrt_llm` model.
+
+    pad_id is accepted for compatibility and checked, but unused: nothing is padded here.
+    """
+    if "input_ids" not in inputs:  # Triton checks only how many inputs came, not which
+        raise InvalidRequestError("input_ids is required: send the prompt's token ids")
+    input_ids = inputs["input_ids"].reshape(-1)
+    length = scalar(inputs, "input_lengths", len(input_ids))
+    if not 0 <= length <= len(input_ids):
+        raise InvalidRequestError(f"input_lengths is {length} but input_ids holds {len(input_ids)} tokens")
+    params = SamplingParams(
+        max_tokens=scalar(inputs, "request_output_len", SamplingParams.max_tokens),
+        temperature=scalar(inputs, "temperature", SamplingParams.temperature),
+        top_k=scalar(inputs, "runtime_top_k", SamplingParams.top_k),
+        top_p=scalar(inputs, "runtime_top_p", SamplingParams.top_p),
+        seed=scalar(inputs, "random_seed", None),
+        end_id=scalar(inputs, "end_id", None),
+        pad_id=scalar(inputs, "pad_id", None),
+        stop_words=decode_word_list(inputs.get("stop_words_list"), "stop_words_list"),
+        bad_words=decode_word_list(inputs.get("bad_words_list"), "bad_words_list"),
+        return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
+    )
+    return GenerationRequest(
+        prompt_ids=input_ids[:length].tolist(),
+        params=params,
+        streaming=bool(scalar(inputs, "streaming", False)),
+        exclude_input_in_output=bool(scalar(inputs, "exclude_input_in_output", False)),
+    )
+
+
+@dataclass(frozen=True)
+class MiddleResponse:
+    """What the middle step sends: output tensors (none for a bare end-of-stream) and the final flag."""
+
+    tensors: dict[str, np.ndarray]
+    final: bool
+
+
+class ResponseAssembler:
+    """Turns the engine's outputs for one request into the middle step's responses.
+
+    Streaming: one response per output that carries tokens; the stream ends with the last one
+    (or with a bare final flag when the last output is empty, e.g. the end id was dropped).
+    Not streaming: one response at the end with every token (after the prompt's, unless
+    exclude_input_in_output). Each response carries `preceding_ids`, the tokens right before
+    `output_ids`, so postprocessing can detokenize without keeping state.
+    """
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._streaming = request.streaming
+        self._include_prompt = not request.streaming and not request.exclude_input_in_output
+        self._prompt = list(request.prompt_ids)
+        self._generated: list[int] = []
+        self._log_probs: list[float] = []
+        self._emitted = 0  # generated tokens already sent
+
+    def add(self, token_ids: list[int], log_probs: list[float], finished: bool) -> MiddleResponse | None:
+        """The response to send for these new tokens, if any (log_probs empty when not asked for)."""
+        self._generated += token_ids
+        self._log_probs += log_probs or [0.0] * len(token_ids)
+        if self._streaming and token_ids:
+            return MiddleResponse(self._tensors(), finished)
+        if finished:
+            return MiddleResponse(self._tensors() if not self._streaming else {}, True)
+        return None
+
+    def _tensors(self) -> dict[str, np.ndarray]:
+        history = self._prompt + self._generated[: self._emitted]
+        new_ids = self._generated[self._emitted :]
+        new_log_probs = self._log_probs[self._emitted :]
+        self._emitted = len(self._generated)
+        if self._include_prompt:
+            output_ids, preceding = history + new_ids, []
+        else:
+            output_ids, preceding = new_ids, history[-PRECEDING_TOKENS:]
+        return {
+            "output_ids": np.asarray(output_ids, dtype=np.int32),
+            "preceding_ids": np.asarray(preceding, dtype=np.int32),
+            "sequence_length": np.asarray([len(output_ids)], dtype=np.int32),
+            "cum_log_probs": np.asarray([sum(self._log_probs)], dtype=np.float32),
+            "output_log_probs": np.asarray(new_log_probs, dtype=np.float32),
+        }

@@ -1,0 +1,236 @@
+"""The Triton model behind `aggregated`, `context` and `generation`: one implementation, three roles.
+
+Like TensorRT-LLM's tensorrt_llm model, what a request gets depends on what it carries:
+- role "aggregated": prefill and decode here;
+- role "context": prefill and the first token here; the KV is published through kv_transfer
+  and the response carries `context_phase_params` for a generation instance;
+- role "generation": with `context_phase_params`, the KV is pulled while other sequences keep
+  decoding; without, both phases run here (conditional disaggregation, or the fallback).
+  The params are signed by the context role and verified here, under the deployment key
+  (messages.py), before anything in them is used.
+A request with `stop` set aborts the in-flight request of the same Triton request id.
+
+`execute` only validates and enqueues; the engine loop thread sends every response.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import numpy as np
+
+from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.engine import LLMEngine
+from python_backend_utils.engine.loop import EngineLoop
+from python_backend_utils.engine.outputs import RequestOutput
+from python_backend_utils.engine.sampling_params import check_token_ids
+from python_backend_utils.engine.sequence import Role
+from python_backend_utils.serving.context_params import (
+    ContextPhaseParams,
+    MalformedContextParamsError,
+    load_deployment_key,
+)
+from python_backend_utils.serving.metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
+from python_backend_utils.serving.placement import pin_instance
+from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
+from python_backend_utils.serving.triton_io import (
+    ResponseAssembler,
+    generation_request,
+    model_parameters,
+    request_inputs,
+)
+
+ROLES = ("aggregated", "context", "generation")
+PARAMS_METRICS = {
+    "context_params_rejected_total": "context_phase_params refused as malformed or failing authentication",
+}
+
+
+class ResponseStream:
+    """One request's responses, sent from the engine loop thread."""
+
+    def __init__(self, sender, assembler: ResponseAssembler, on_end=None) -> None:
+        self.sender = sender
+        self.assembler = assembler
+        self.on_end = on_end
+
+    def on_output(self, output: RequestOutput) -> None:
+        response = self.assembler.add(output.token_ids, output.log_probs, output.finished)
+        if response is not None:
+            send_tensors(self.sender, response.tensors, response.final)
+        if output.finished and self.on_end:
+            self.on_end()
+
+    def on_error(self, error: Exception) -> None:
+        self.sender.send(error_response(error), flags=FINAL)
+        if self.on_end:
+            self.on_end()
+
+
+class LLMModel:
+    """Subclassed by each model.py, which only names its role."""
+
+    role = "aggregated"
+
+    def initialize(self, args) -> None:
+        pin_instance(args)  # first: the engine's threads start on their own cores
+        parameters = model_parameters(args["model_config"])
+        self.instance_name = f"{args['model_name']}/{args['model_version']}"
+        config = EngineConfig.from_parameters(parameters)
+        self.transfer = None
+        self.params_key = b""
+        self.params_rejected = 0
+        if self.role == "aggregated":
+            engine = LLMEngine(config)
+        else:
+            self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
+            from python_backend_utils.serving.kv_exchange import KVExchange, transfer_config
+
+            self.transfer = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}"))
+            engine = LLMEngine(config, allocate_pool=self.transfer.allocate_pool)
+            self.transfer.attach(engine.pool.tensor)
+        self.engine = engine
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
+                        **(PARAMS_METRICS if self.role == "generation" else {})}
+        self.gauges = GaugeSet("disagg", descriptions, labels)
+        self.loop = EngineLoop(engine, on_tick=self._publish_metrics)
+        self.loop.start()
+        self._by_triton_id: dict[str, str] = {}  # Triton request id -> engine request id, for `stop`
+        self._ids_lock = threading.Lock()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._enqueue(request, sender)
+            except Exception as error:  # noqa: BLE001 - bad input gets an error, the model keeps serving
+                sender.send(error_response(error), flags=FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self.loop.stop()
+        if self.transfer is not None:
+            self.transfer.close()
+
+    def _publish_metrics(self) -> None:
+        stats = self.engine.stats()
+        values = {
+            "kv_blocks_total": stats.num_blocks,
+            "kv_blocks_free": stats.num_free_blocks,
+            "kv_blocks_used": stats.num_blocks - stats.num_free_blocks,
+            "sequences_running": stats.num_running,
+            "sequences_waiting": stats.num_waiting,
+            "sequences_awaiting_kv": stats.num_awaiting_kv,
+            "sequences_kv_held": stats.num_kv_held,
+            "preemptions_total": stats.preemptions,
+            "kv_pull_fallbacks_total": stats.kv_pull_fallbacks,
+            "prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens,
+            "context_params_rejected_total": self.params_rejected,
+        }
+        if self.transfer is not None:
+            t = self.transfer.metrics()
+            values.update({
+                "kv_bytes_received_total": t["bytes_received"],  # shared-memory reads included
+                "kv_bytes_sent_total": t["bytes_sent"],
+                "kv_pulls_completed_total": t["pulls_completed"],
+                "kv_pulls_failed_total": t["pulls_failed"],
+                "kv_pulls_in_flight": t["pulls_in_flight"],
+                "kv_pulls_refused_total": t["pulls_refused"],
+                "kv_handles_expired_total": t["handles_expired"],
+                "kv_pinned_blocks": t["pinned_blocks"],
+                "kv_pull_seconds_total": t["pull_duration_s"]["sum"],
+            })
+        self.gauges.publish(values)
+
+    def _enqueue(self, request, sender) -> None:
+        inputs = request_inputs(request)
+        triton_id = request.request_id()
+        if "stop" in inputs and bool(inputs["stop"].reshape(-1)[0]):
+            self._stop(triton_id)
+            sender.send(None, flags=FINAL)
+            return
+        generation = generation_request(inputs)
+        check_token_ids(generation.prompt_ids, self.engine.vocab_size, "input_ids")
+        request_id = uuid.uuid4().hex
+        on_end = None
+        if triton_id:
+            with self._ids_lock:
+                self._by_triton_id[triton_id] = request_id
+            on_end = lambda: self._forget(triton_id, request_id)  # noqa: E731
+        if self.role == "context":
+            publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end,
+                                         self.params_key, generation.prompt_ids)
+            self.loop.submit(request_id, generation.prompt_ids, generation.params, publisher.on_output,
+                             sender.is_cancelled, publisher.on_error, role=Role.CONTEXT_ONLY)
+            return
+        stream = ResponseStream(sender, ResponseAssembler(generation), on_end)
+        if self.role == "generation" and "context_phase_params" in inputs:
+            try:
+                handoff = ContextPhaseParams.from_bytes(inputs["context_phase_params"].reshape(-1).tobytes(),
+                                                        self.params_key, generation.prompt_ids)
+            except MalformedContextParamsError:
+                self.params_rejected += 1
+                raise
+            check_token_ids([handoff.first_token], self.engine.vocab_size, "context_phase_params' first token")
+            start_pull = self.transfer.pull_starter(handoff)
+            self.loop.submit_generation(request_id, generation.prompt_ids, handoff.first_token, generation.params,
+                                        start_pull, stream.on_output, sender.is_cancelled, stream.on_error)
+            return
+        self.loop.submit(request_id, generation.prompt_ids, generation.params, stream.on_output,
+                         sender.is_cancelled, stream.on_error)
+
+    def _stop(self, triton_id: str) -> None:
+        with self._ids_lock:
+            request_id = self._by_triton_id.pop(triton_id, None)
+        if request_id is None:
+            return
+        self.loop.stop_request(request_id, f"request {triton_id} was stopped")
+        if self.transfer is not None:
+            self.transfer.revoke(request_id)
+
+    def _forget(self, triton_id: str, request_id: str) -> None:
+        with self._ids_lock:
+            if self._by_triton_id.get(triton_id) == request_id:
+                del self._by_triton_id[triton_id]
+
+
+class ContextResponder:
+    """Context role: answer with the first token and, while the request goes on, the KV's handle."""
+
+    def __init__(self, sender, transfer, loop: EngineLoop, instance_name: str, on_end,
+                 params_key: bytes, prompt_ids: list[int]) -> None:
+        self.sender = sender
+        self.transfer = transfer
+        self.loop = loop
+        self.instance_name = instance_name
+        self.on_end = on_end
+        self.params_key = params_key
+        self.prompt_ids = prompt_ids
+
+    def on_output(self, output: RequestOutput) -> None:
+        tensors = {
+            "output_ids": np.asarray(output.token_ids, dtype=np.int32),
+            "output_log_probs": np.asarray(output.log_probs, dtype=np.float32),
+        }
+        if output.kv_block_ids is not None:
+            engine = self.loop.engine
+            handle = self.transfer.publish(
+                output.request_id,
+                output.kv_block_ids,
+                output.num_prompt_tokens,
+                on_release=lambda request_id: self.loop.call_soon(lambda: engine.release_kv(request_id)),
+            )
+            params = ContextPhaseParams(self.instance_name, output.token_ids[0], output.num_prompt_tokens, handle)
+            signed = params.to_bytes(self.params_key, self.prompt_ids)
+            tensors["context_phase_params"] = np.frombuffer(signed, dtype=np.uint8)
+        send_tensors(self.sender, tensors, final=True)
+        if self.on_end:
+            self.on_end()
+
+    def on_error(self, error: Exception) -> None:
+        self.sender.send(error_response(error), flags=FINAL)
+        if self.on_end:
+            self.on_end()

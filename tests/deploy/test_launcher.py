@@ -1,0 +1,183 @@
+"""The launcher: the command and environment it builds, and real starts that succeed or fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import banner
+from launcher.ports import free_ports, free_server_ports
+from launcher.runtime import TritonRuntime, find_runtime
+from launcher.server import ServerStartError, TritonServer
+
+ECHO_CONFIG = """
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "IN", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+output [ {{ name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+"""
+ECHO_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        {initialize}
+
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())])
+            for r in requests
+        ]
+"""
+
+
+def write_model(repository: Path, name: str, initialize: str = "pass") -> Path:
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "config.pbtxt").write_text(ECHO_CONFIG.format(name=name))
+    (repository / name / "1" / "model.py").write_text(ECHO_MODEL.format(initialize=initialize))
+    return repository
+
+
+def our_shm_regions() -> set[str]:
+    """Shared-memory regions of servers started by this test process."""
+    return {p.name for p in Path("/dev/shm").glob(f"triton_disagg_{os.getpid()}_*")}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_command_for_the_pypi_runtime_on_cpu():
+    runtime = TritonRuntime(Path("/rt/tritonserver"), Path("/rt/backends"), ())
+    server = TritonServer(Path("/repo"), http_port=1, grpc_port=2, metrics_port=3, models=["ensemble", "ensemble_unary"])
+    command = server.command(runtime, "prefix_")
+    assert command[0] == "/rt/tritonserver"
+    for flag in [
+        "--model-repository=/repo",
+        "--http-port=1",
+        "--grpc-port=2",
+        "--metrics-port=3",
+        "--backend-directory=/rt/backends",
+        "--backend-config=python,shm-region-prefix-name=prefix_",
+        "--disable-auto-complete-config",
+        "--allow-gpu-metrics=false",
+        "--pinned-memory-pool-byte-size=0",
+        "--cuda-memory-pool-byte-size=0:0",
+        "--model-control-mode=explicit",
+        "--load-model=ensemble",
+        "--load-model=ensemble_unary",
+    ]:
+        assert flag in command
+
+
+def test_command_for_a_system_server_on_gpu_loads_every_model():
+    command = TritonServer(Path("/repo"), device="cuda").command(TritonRuntime(Path("tritonserver"), None, ()), "p_")
+    assert not any(flag.startswith(("--backend-directory", "--allow-gpu-metrics", "--model-control-mode")) for flag in command)
+
+
+def test_environment_puts_this_interpreter_first_and_the_runtime_libraries_on_the_library_path():
+    runtime = TritonRuntime(Path("/rt/tritonserver"), Path("/rt/backends"), (Path("/rt/libs"),))
+    env = runtime.environment({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib", "HOME": "/home/x"})
+    assert env["PATH"] == f"{Path(sys.executable).parent}{os.pathsep}/usr/bin"
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == ["/rt/libs", sysconfig.get_config_var("LIBDIR"), "/opt/lib"]
+    assert env["HOME"] == "/home/x"
+
+
+def test_pypi_runtime_gets_a_backend_directory_with_the_stub_for_this_python(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no system tritonserver
+    runtime = find_runtime()
+    python_dir = runtime.backend_directory / "python"
+    assert (python_dir / "libtriton_python.so").is_file()
+    assert (python_dir / "triton_python_backend_utils.py").is_file()
+    assert os.access(python_dir / "triton_python_backend_stub", os.X_OK)
+    assert runtime.library_dirs[0].name == "nvidia_pytriton.libs"
+
+
+def test_banner_shows_the_urls_and_a_working_curl_line():
+    text = banner(TritonServer(http_port=9000, grpc_port=9001, metrics_port=9002), "ensemble")
+    assert "curl -s http://localhost:9000/v2/models/ensemble/generate -d " in text
+    assert "--url localhost:9001 --stream" in text
+    assert "http://localhost:9002/metrics" in text
+
+
+@pytest.mark.integration
+def test_failed_start_is_retried_once_and_leaves_nothing_behind(tmp_path):
+    repository = write_model(tmp_path / "repo", "broken", initialize='raise RuntimeError("broken on purpose")')
+    regions_before = our_shm_regions()
+    server = TritonServer(
+        repository,
+        **free_server_ports(),
+        log_file=tmp_path / "server.log",
+        ready_timeout_s=120,
+    )
+    with pytest.raises(ServerStartError) as raised:
+        server.start()
+    message = str(raised.value)
+    assert message.count("tritonserver exited with status") == 2
+    assert "broken on purpose" in message
+    assert not server.running and not group_alive(server.pid)
+    assert our_shm_regions() == regions_before
+
+
+@pytest.mark.integration
+def test_cli_serves_until_sigterm_then_stops_the_server(tmp_path):
+    repository = write_model(tmp_path / "repo", "echo")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            f"--model-repository={repository}",
+            "--load-model=echo",
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server." in line:
+                break
+        assert any("tritonserver is ready" in line for line in lines), "".join(lines)
+        with urllib.request.urlopen(f"http://localhost:{http_port}/v2/models/echo/ready", timeout=5) as response:
+            assert response.status == 200
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    time.sleep(0.5)
+    assert processes_mentioning(str(repository)) == []
