@@ -40,7 +40,7 @@ $(BIN)/python:
 # On a GPU machine, set TORCH_INDEX_URL to a CUDA 12 index (ucxx-cu12 needs cuda-python 12):
 #   make serve TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_INDEX_URL ?=
-$(DEPS): pyproject.toml kv_transfer/_stream_copy.c | $(BIN)/python
+$(DEPS): pyproject.toml kv_transfer/_stream_copy.c python_backend_utils/engine/_cpu_kernels.c | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	echo torch==2.13.0 > $(VENV)/torch-constraint.txt
 	$(BIN)/pip install -c $(VENV)/torch-constraint.txt -e '.[test]'
@@ -57,4 +57,4 @@ $(DEFAULT_MODEL): | $(DEPS)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -f kv_transfer/_stream_copy.*.so
+	rm -f kv_transfer/_stream_copy.*.so python_backend_utils/engine/_cpu_kernels.*.so

@@ -11,6 +11,8 @@ import torch
 from python_backend_utils.environment import DEVICE_ENV, MODEL_DIR_ENV
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "int8": linear weights quantized per output channel at load, activations per row at run time.
+WEIGHT_QUANTIZATIONS = ("", "int8")
 # A cap on the default context window: the KV pool and position tables are sized from it.
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
@@ -32,12 +34,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 0
     num_threads: int = 1
+    weight_quantization: str = ""
 
     def __post_init__(self) -> None:
         for name in ("dtype", "kv_cache_dtype"):
             value = getattr(self, name)
             if value and value not in DTYPES:
                 raise ConfigError(f"{name}={value!r}: choose one of {sorted(DTYPES)}")
+        if self.weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise ConfigError(f"weight_quantization={self.weight_quantization!r}: choose one of "
+                              f"{[q for q in WEIGHT_QUANTIZATIONS if q]} or leave it empty")
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
 

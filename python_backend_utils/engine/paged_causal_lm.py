@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from python_backend_utils.engine import cpu_kernels
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.errors import InvalidRequestError
 
@@ -179,7 +180,7 @@ class PagedCausalLM:
     def forward(self, chunks: list[Chunk], pool: KVPool) -> torch.Tensor:
         """Run one step over the chunks; write their KV into `pool`; return logits of the sampling chunks."""
         shape = self.shape
-        plan = _StepPlan(chunks, pool, self.device)
+        plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
         hidden = F.embedding(plan.input_ids, self.embed)
         cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -212,14 +213,17 @@ class PagedCausalLM:
 class _StepPlan:
     """Indices for one step, computed once and shared by every layer.
 
-    Single-token chunks (decode) attend together over KV gathered into a padded batch; longer
+    Single-token chunks (decode) attend together: on the CPU with the C kernel, reading their KV
+    in the pool's blocks (`cpu_kernels`); otherwise over KV gathered into a padded batch. Longer
     chunks (prefill) attend one by one, over their own new K/V when nothing precedes them.
     """
 
-    def __init__(self, chunks: list[Chunk], pool: KVPool, device: torch.device) -> None:
+    def __init__(self, chunks: list[Chunk], pool: KVPool, device: torch.device, head_dim: int) -> None:
         ids, positions, rows, sample_rows = [], [], [], []
         self.decode_tokens: list[int] = []
+        self.in_place = cpu_kernels.decode_attention_applies(pool.tensor, head_dim)
         decode_contexts: list[torch.Tensor] = []
+        decode_chunks: list[Chunk] = []
         self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
         offset = 0
         for chunk in chunks:
@@ -228,13 +232,15 @@ class _StepPlan:
             ids.extend(chunk.token_ids)
             positions.append(chunk_positions)
             rows.append(pool.base_rows(chunk.block_table, chunk_positions))
-            context_rows = None
-            if length == 1 or chunk.start > 0:
-                context_rows = pool.base_rows(chunk.block_table, torch.arange(chunk.start + length))
             if length == 1:
                 self.decode_tokens.append(offset)
-                decode_contexts.append(context_rows)
+                decode_chunks.append(chunk)
+                if not self.in_place:
+                    decode_contexts.append(pool.base_rows(chunk.block_table, torch.arange(chunk.start + 1)))
             else:
+                context_rows = None
+                if chunk.start > 0:
+                    context_rows = pool.base_rows(chunk.block_table, torch.arange(chunk.start + length))
                 self.prefills.append((offset, length, chunk.start, context_rows))
             if chunk.sample:
                 sample_rows.append(offset + length - 1)
@@ -244,7 +250,14 @@ class _StepPlan:
         self.write_rows = torch.cat(rows).to(device)
         self.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
         self.num_tokens = offset
-        if decode_contexts:
+        if decode_chunks:
+            self.decode_index = torch.tensor(self.decode_tokens, dtype=torch.long, device=device)
+        if decode_chunks and self.in_place:
+            width = max(len(c.block_table) for c in decode_chunks)
+            self.decode_tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
+                                               for c in decode_chunks], dtype=torch.int32)
+            self.decode_lengths = torch.tensor([c.start + 1 for c in decode_chunks], dtype=torch.int32)
+        elif decode_contexts:
             longest = max(len(c) for c in decode_contexts)
             padded = torch.zeros(len(decode_contexts), longest, dtype=torch.long)
             mask = torch.zeros(len(decode_contexts), 1, 1, longest, dtype=torch.bool)
@@ -253,7 +266,6 @@ class _StepPlan:
                 mask[row, 0, 0, : len(context)] = True
             self.decode_rows = padded.to(device)
             self.decode_mask = None if bool(mask.all()) else mask.to(device)
-            self.decode_index = torch.tensor(self.decode_tokens, dtype=torch.long, device=device)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: KVPool, layer: int, dtype: torch.dtype
@@ -262,7 +274,11 @@ class _StepPlan:
         kv_heads = k.shape[1]
         out = torch.empty(self.num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         key_offset, value_offset = 2 * layer * pool.block_size, (2 * layer + 1) * pool.block_size
-        if self.decode_tokens:
+        if self.decode_tokens and self.in_place:
+            result = cpu_kernels.decode_attention(q[self.decode_index], pool.tensor, self.decode_tables,
+                                                  self.decode_lengths, layer, kv_heads, pool.block_size)
+            out[self.decode_index] = result.view(len(self.decode_tokens), num_heads * head_dim).to(out.dtype)
+        elif self.decode_tokens:
             batch, longest = self.decode_rows.shape
             keys = pool.rows[self.decode_rows + key_offset].to(dtype).view(batch, longest, kv_heads, head_dim)
             values = pool.rows[self.decode_rows + value_offset].to(dtype).view(batch, longest, kv_heads, head_dim)
