@@ -1,14 +1,20 @@
 """Engine speed next to plain transformers and the memory-bandwidth bound, measured in one run.
 
-    python -m benchmarks.bench_engine [--model-dir DIR] [--threads 1] [--json out.json]
+    python -m benchmarks.bench_engine [--model-dir DIR] [--threads 1] [--int8] [--json out.json]
+    python -m benchmarks.bench_engine --served localhost:8001 [--streams 8]   # against a running server
 
-Decode tokens/s at batch 1 and 8, prefill tokens/s at 512 and 2048 prompt tokens. The bound
-for batch-1 decode is weight bytes per step divided by the copy bandwidth measured here.
+Decode tokens/s at batch 1, 8 and 32 and prefill tokens/s at 512 and 2048 prompt tokens, for
+the engine and for transformers in the same process (the ratio is what to read on a noisy
+machine); with --int8, the engine's int8-weight mode next to fp32 transformers as well. The
+batch-1 bound is the weight bytes one step reads divided by this thread's read bandwidth.
+--served measures what a user sees instead: N concurrent gRPC streams through
+`ensemble_aggregated`, in output tokens per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -22,16 +28,17 @@ from python_backend_utils.environment import resolve_model_dir
 
 PROMPT_LEN_FOR_DECODE = 64
 DECODE_STEPS = 32
+DECODE_BATCHES = (1, 8, 32)
+PREFILL_LENGTHS = (512, 2048)
 
 
-def copy_bandwidth_gbs(size_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Read+write bandwidth of one thread copying a buffer larger than any cache."""
+def read_bandwidth_gbs(size_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second one thread reads from a buffer larger than any cache (a sum over it)."""
     source = torch.ones(size_bytes // 4)
-    target = torch.empty_like(source)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        target.copy_(source)
+        source.sum()
         times.append(time.perf_counter() - start)
     return size_bytes / statistics.median(times) / 1e9
 
@@ -83,56 +90,103 @@ def transformers_prefill_tps(model, length: int) -> float:
     return length / (time.perf_counter() - start)
 
 
+def make_engine(model_dir: str, threads: int, quantization: str = "") -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir=model_dir, num_threads=threads, max_num_seqs=max(DECODE_BATCHES),
+                                  max_num_batched_tokens=max(PREFILL_LENGTHS) * 2,
+                                  weight_quantization=quantization))
+
+
+def measure_engine(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = str(resolve_model_dir(args.model_dir or None))
+    engine = make_engine(model_dir, args.threads)
+    weight_bytes = engine.model.weight_bytes()
+    bandwidth = read_bandwidth_gbs()
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.set_num_threads(args.threads)
+    engine_decode_tps(engine, 1)  # warm-up
+    transformers_decode_tps(reference, 1)
+    reference_decode = {batch: transformers_decode_tps(reference, batch) for batch in DECODE_BATCHES}
+    rows = [(f"decode tok/s, batch {b}", engine_decode_tps(engine, b), reference_decode[b]) for b in DECODE_BATCHES]
+    rows += [(f"prefill tok/s, {n} tokens", engine_prefill_tps(engine, n), transformers_prefill_tps(reference, n))
+             for n in PREFILL_LENGTHS]
+    result = {"model_dir": model_dir, "threads": args.threads, "read_bandwidth_gbs": bandwidth,
+              "weight_bytes": weight_bytes, "decode_bound_tps": bandwidth * 1e9 / weight_bytes}
+    if args.int8:
+        del engine
+        quantized = make_engine(model_dir, args.threads, "int8")
+        engine_decode_tps(quantized, 1)
+        rows += [(f"decode tok/s, batch {b}, int8", engine_decode_tps(quantized, b), reference_decode[b])
+                 for b in DECODE_BATCHES]
+        result["int8_weight_bytes"] = quantized.model.weight_bytes()
+        result["int8_decode_bound_tps"] = bandwidth * 1e9 / result["int8_weight_bytes"]
+    result["rows"] = [{"measure": n, "ours": o, "transformers": t} for n, o, t in rows]
+    return result
+
+
+def print_engine(result: dict) -> None:
+    print(f"model {result['model_dir']}: {result['weight_bytes'] / 1e6:.0f} MB of weights read per step, "
+          f"{result['threads']} thread(s)")
+    print(f"read bandwidth {result['read_bandwidth_gbs']:.1f} GB/s -> batch-1 decode bound "
+          f"{result['decode_bound_tps']:.1f} tok/s" + (
+              f" (int8: {result['int8_decode_bound_tps']:.1f})" if "int8_decode_bound_tps" in result else "") + "\n")
+    print(f"| {'measure':<28} | {'ours':>8} | {'transformers':>12} | {'ours/tf':>7} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 14}|{'-' * 9}|")
+    for row in result["rows"]:
+        ours, theirs = row["ours"], row["transformers"]
+        print(f"| {row['measure']:<28} | {ours:8.1f} | {theirs:12.1f} | {ours / theirs:6.2f}x |")
+    batch1 = result["rows"][0]["ours"]
+    print(f"\nbatch-1 decode is at {batch1 / result['decode_bound_tps']:.0%} of the read-bandwidth bound")
+
+
+async def served_decode_tps(url: str, streams: int, max_tokens: int) -> dict:
+    """Streamed responses (one a token) per second of `streams` concurrent requests through ensemble_aggregated."""
+    import tritonclient.grpc.aio as grpcclient_aio
+
+    from client.generate import GenerateRequest, infer_inputs
+    from client.load_generator import stream_request
+
+    client = grpcclient_aio.InferenceServerClient(url)
+    try:
+        start = time.perf_counter()
+        timings = await asyncio.gather(*(
+            stream_request(client, "ensemble_aggregated", index, infer_inputs(
+                GenerateRequest(f"Story number {index}: once upon a time", max_tokens=max_tokens, stream=True)
+                .arrays(), protocol=grpcclient_aio))
+            for index in range(streams)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
+    errors = [t.error for t in timings if t.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]}")
+    responses = sum(len(t.response_times) for t in timings)
+    return {"url": url, "streams": streams, "responses": responses, "seconds": elapsed,
+            "output_tok_per_s": responses / elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default="")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--int8", action="store_true", help="also measure the int8-weight mode")
+    parser.add_argument("--served", metavar="GRPC_URL", help="measure a running server instead")
+    parser.add_argument("--streams", type=int, default=8, help="with --served: concurrent streams")
+    parser.add_argument("--max-tokens", type=int, default=64, help="with --served: tokens per stream")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-
-    from transformers import AutoModelForCausalLM
-
-    model_dir = str(resolve_model_dir(args.model_dir or None))
-    engine = LLMEngine(EngineConfig(model_dir=model_dir, num_threads=args.threads, max_num_batched_tokens=4096))
-    weight_bytes = sum(
-        t.numel() * t.element_size()
-        for layer in engine.model.layers
-        for t in vars(layer).values()
-        if isinstance(t, torch.Tensor)
-    ) + engine.model.lm_head.numel() * engine.model.lm_head.element_size()
-    bandwidth = copy_bandwidth_gbs()
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.set_num_threads(args.threads)
-
-    engine_decode_tps(engine, 1)  # warm-up
-    rows = [
-        ("decode tok/s, batch 1", engine_decode_tps(engine, 1), transformers_decode_tps(reference, 1)),
-        ("decode tok/s, batch 8", engine_decode_tps(engine, 8), transformers_decode_tps(reference, 8)),
-        ("prefill tok/s, 512 tokens", engine_prefill_tps(engine, 512), transformers_prefill_tps(reference, 512)),
-        ("prefill tok/s, 2048 tokens", engine_prefill_tps(engine, 2048), transformers_prefill_tps(reference, 2048)),
-    ]
-    bound = bandwidth * 1e9 / weight_bytes
-    print(f"model {model_dir}: {weight_bytes / 1e6:.0f} MB of weights read per step, {args.threads} thread(s)")
-    print(f"copy bandwidth {bandwidth:.1f} GB/s -> batch-1 decode bound {bound:.1f} tok/s\n")
-    print(f"| {'measure':<28} | {'ours':>8} | {'transformers':>12} | {'ours/tf':>7} |")
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 14}|{'-' * 9}|")
-    for name, ours, theirs in rows:
-        print(f"| {name:<28} | {ours:8.1f} | {theirs:12.1f} | {ours / theirs:6.2f}x |")
-    batching_gain = rows[1][1] / rows[0][1]
-    print(f"\ncontinuous batching: batch 8 gives {batching_gain:.1f}x the tokens/s of batch 1")
-    print(f"batch-1 decode is at {rows[0][1] / bound:.0%} of the memory-bandwidth bound")
+    if args.served:
+        result = asyncio.run(served_decode_tps(args.served, args.streams, args.max_tokens))
+        print(f"{result['streams']} streams through ensemble_aggregated at {result['url']}: "
+              f"{result['output_tok_per_s']:.1f} output tok/s ({result['responses']} responses "
+              f"in {result['seconds']:.1f} s)")
+    else:
+        result = measure_engine(args)
+        print_engine(result)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(
-                {
-                    "copy_bandwidth_gbs": bandwidth,
-                    "weight_bytes": weight_bytes,
-                    "decode_bound_tps": bound,
-                    "rows": [{"measure": n, "ours": o, "transformers": t} for n, o, t in rows],
-                },
-                handle,
-                indent=2,
-            )
+            json.dump(result, handle, indent=2)
 
 
 if __name__ == "__main__":

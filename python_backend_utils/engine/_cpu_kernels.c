@@ -1,11 +1,17 @@
-/* CPU kernels for the decode step: attention that reads the paged KV pool where it lies.
+/* CPU kernels for the decode step: attention that reads the paged KV pool where it lies, and
+ * matrix products with int8 weights.
  *
  * The torch path gathers every sequence's whole context out of the pool into a padded copy, for
  * every layer of every step, before attention reads it once more: at batch 8 with 1k tokens of
  * context that copy costs more than the step's matrix products. Here each sequence's query heads
  * read their K and V rows straight from the pool's blocks, once per KV head for the whole group
  * of query heads that share it (GQA). Scores and softmax are in fp32; the pool may be fp32 or
- * bf16. The GIL is released. Built with function multiversioning: the loops are compiled for
+ * bf16.
+ *
+ * int8 weights (one scale per output channel) with fp32 activations: a decode step streams each
+ * weight once for a few rows, so a quarter of the bytes is most of a 4x; the activations stay
+ * fp32 (quantizing them too, as fbgemm's dynamic linear does, loses this model's outlier
+ * channels). The GIL is released. Built with function multiversioning: the loops are compiled for
  * AVX-512, AVX2 and plain x86-64, and the CPU picks at load.
  */
 #define PY_SSIZE_T_CLEAN
@@ -136,6 +142,171 @@ static int decode_attention(const DecodeAttention *a)
     return 0;
 }
 
+#define ROWS_AT_ONCE 4 /* rows of x that share each pass over two weight rows */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 INLINE __m256 widen8(const int8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+AVX2 INLINE float sum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Weight rows n0 and n0 + 1, as int8 (widened on the fly) or as floats widened once for many rows of x. */
+typedef struct {
+    const int8_t *w0, *w1;
+    const float *f0, *f1;
+} WeightPair;
+
+/* y[m, n] = scale[n] * (x[m, :] . w[n, :]) + bias[n] for n in [n0, n0 + 2), m in [m0, m0 + rows). */
+AVX2 INLINE void int8_tile_avx2(const float *x, WeightPair pair, const float *scale, const float *bias, float *y,
+                                int64_t n, int64_t k, int64_t n0, int64_t m0, int rows)
+{
+    __m256 acc0[ROWS_AT_ONCE], acc1[ROWS_AT_ONCE];
+    for (int r = 0; r < rows; r++)
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) {
+        __m256 a = pair.f0 ? _mm256_loadu_ps(pair.f0 + i) : widen8(pair.w0 + i);
+        __m256 b = pair.f1 ? _mm256_loadu_ps(pair.f1 + i) : widen8(pair.w1 + i);
+        for (int r = 0; r < rows; r++) {
+            __m256 xv = _mm256_loadu_ps(x + (m0 + r) * k + i);
+            acc0[r] = _mm256_fmadd_ps(a, xv, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(b, xv, acc1[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        y[(m0 + r) * n + n0] = sum8(acc0[r]) * scale[n0] + (bias ? bias[n0] : 0.0f);
+        y[(m0 + r) * n + n0 + 1] = sum8(acc1[r]) * scale[n0 + 1] + (bias ? bias[n0 + 1] : 0.0f);
+    }
+}
+
+/* One row of x (decode at batch 1): four weight rows at once, each with two accumulators, so
+ * that eight independent FMA chains keep the loads streaming. */
+AVX2 static void int8_gemv_avx2(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                                int64_t n, int64_t k)
+{
+    int64_t n0 = 0;
+    for (; n0 + 4 <= n; n0 += 4) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_setzero_ps();
+        const int8_t *row = w + n0 * k;
+        for (int64_t i = 0; i + 16 <= k; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int j = 0; j < 4; j++) {
+                acc[2 * j] = _mm256_fmadd_ps(widen8(row + j * k + i), x0, acc[2 * j]);
+                acc[2 * j + 1] = _mm256_fmadd_ps(widen8(row + j * k + i + 8), x1, acc[2 * j + 1]);
+            }
+        }
+        if (k % 16)
+            for (int j = 0; j < 4; j++)
+                acc[2 * j] = _mm256_fmadd_ps(widen8(row + j * k + k - 8), _mm256_loadu_ps(x + k - 8), acc[2 * j]);
+        for (int j = 0; j < 4; j++)
+            y[n0 + j] = sum8(_mm256_add_ps(acc[2 * j], acc[2 * j + 1])) * scale[n0 + j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+    for (; n0 < n; n0 += 2) {
+        WeightPair pair = {w + n0 * k, w + (n0 + 1) * k, NULL, NULL};
+        int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, 0, 1);
+    }
+}
+
+/* `widened` holds 2k floats: with more rows of x than one tile, each weight pair is widened once. */
+AVX2 static void int8_linear_avx2(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                                  int64_t m, int64_t n, int64_t k, float *widened)
+{
+    for (int64_t n0 = 0; n0 < n; n0 += 2) {
+        WeightPair pair = {w + n0 * k, w + (n0 + 1) * k, NULL, NULL};
+        if (m > ROWS_AT_ONCE) {
+            for (int64_t i = 0; i < k; i += 8) {
+                _mm256_storeu_ps(widened + i, widen8(pair.w0 + i));
+                _mm256_storeu_ps(widened + k + i, widen8(pair.w1 + i));
+            }
+            pair.f0 = widened;
+            pair.f1 = widened + k;
+        }
+        /* `rows` is a constant in each call below, so the accumulators live in registers. */
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS_AT_ONCE) {
+            switch (m - m0 < ROWS_AT_ONCE ? m - m0 : ROWS_AT_ONCE) {
+            case 1: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 1); break;
+            case 2: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 2); break;
+            case 3: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 3); break;
+            default: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 4); break;
+            }
+        }
+    }
+}
+
+static int have_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+static void int8_linear_portable(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                                 int64_t m, int64_t n, int64_t k)
+{
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t c = 0; c < n; c++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < k; i++)
+                sum += x[r * k + i] * (float)w[c * k + i];
+            y[r * n + c] = sum * scale[c] + (bias ? bias[c] : 0.0f);
+        }
+}
+
+static int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                       int64_t m, int64_t n, int64_t k)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx2() && m == 1) {
+        int8_gemv_avx2(x, w, scale, bias, y, n, k);
+        return 0;
+    }
+    if (have_avx2()) {
+        float *widened = malloc(2 * k * sizeof(float));
+        if (!widened)
+            return -1;
+        int8_linear_avx2(x, w, scale, bias, y, m, n, k, widened);
+        free(widened);
+        return 0;
+    }
+#endif
+    int8_linear_portable(x, w, scale, bias, y, m, n, k);
+    return 0;
+}
+
+/* int8_linear(x, w, scale, bias or 0, y, m, n, k): x fp32 [m, k], w int8 [n, k], scale/bias fp32 [n]. */
+static PyObject *py_int8_linear(PyObject *self, PyObject *args)
+{
+    unsigned long long x, w, scale, bias, y;
+    long long m, n, k;
+    if (!PyArg_ParseTuple(args, "KKKKKLLL:int8_linear", &x, &w, &scale, &bias, &y, &m, &n, &k))
+        return NULL;
+    if (m <= 0 || n <= 0 || n % 2 || k % 8) {
+        PyErr_SetString(PyExc_ValueError, "n must be even and k a multiple of 8");
+        return NULL;
+    }
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = int8_linear((const float *)(uintptr_t)x, (const int8_t *)(uintptr_t)w, (const float *)(uintptr_t)scale,
+                         bias ? (const float *)(uintptr_t)bias : NULL, (float *)(uintptr_t)y, m, n, k);
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* decode_attention(query, pool, pool_is_bf16, tables, lengths, out, batch, heads, kv_heads, head_dim,
  *                  block_size, layer, layers, table_width, scale): addresses of contiguous tensors. */
 static PyObject *py_decode_attention(PyObject *self, PyObject *args)
@@ -169,6 +340,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Attention of one new token per sequence over its paged KV, read in place."},
+    {"int8_linear", py_int8_linear, METH_VARARGS, "y = (x @ w^T) * scale + bias with int8 w, fp32 x and y."},
     {NULL, NULL, 0, NULL},
 };
 

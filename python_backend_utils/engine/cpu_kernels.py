@@ -1,4 +1,4 @@
-"""The optional C kernels of `_cpu_kernels.c`, with the test for when they apply.
+"""The optional C kernels of `_cpu_kernels.c`, with the tests for when they apply.
 
 Built by `pip install` when a C compiler is there; without it (or on a GPU, or for shapes the
 kernel does not cover) the model runs its torch path, which computes the same thing.
@@ -34,4 +34,17 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, tables: torch.Tens
         query.data_ptr(), pool.data_ptr(), pool.dtype == torch.bfloat16, tables.data_ptr(), lengths.data_ptr(),
         out.data_ptr(), batch, heads, num_kv_heads, head_dim, block_size, layer, pool.shape[1], tables.shape[1],
         head_dim ** -0.5)
+    return out
+
+
+def int8_linear_applies(weight: torch.Tensor) -> bool:
+    return (_cpu_kernels is not None and weight.device.type == "cpu" and weight.dtype == torch.int8
+            and weight.shape[0] % 2 == 0 and weight.shape[1] % 8 == 0)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x @ weight^T) * scale + bias: x fp32 [m, k] contiguous, weight int8 [n, k], scale and bias fp32 [n]."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _cpu_kernels.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                             out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
     return out

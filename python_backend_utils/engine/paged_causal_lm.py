@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from python_backend_utils.engine import cpu_kernels
-from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.config import ConfigError, EngineConfig
+from python_backend_utils.engine.linear import DenseLinear, Int8Linear, make_linear
 from python_backend_utils.errors import InvalidRequestError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -47,14 +48,13 @@ class Chunk:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: DenseLinear | Int8Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: DenseLinear | Int8Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: DenseLinear | Int8Linear
+    down: DenseLinear | Int8Linear
 
 
 class KVPool:
@@ -102,6 +102,10 @@ class PagedCausalLM:
             )
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.quantization = config.weight_quantization
+        if self.quantization and self.device.type != "cpu":
+            raise ConfigError(f"weight_quantization={self.quantization} is a CPU mode; on {self.device.type} "
+                              "leave it empty")
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         text_config = hf_model.config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -140,10 +144,13 @@ class PagedCausalLM:
         def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.detach().to(self.device, self.dtype).contiguous()
 
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> DenseLinear | Int8Linear:
+            return make_linear(take(weight), take(bias), self.quantization)
+
         body = hf_model.model
         self.embed = take(body.embed_tokens.weight)
         self.final_norm = take(body.norm.weight)
-        self.lm_head = take(hf_model.lm_head.weight)
+        self.lm_head = linear(hf_model.lm_head.weight)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -151,16 +158,22 @@ class PagedCausalLM:
             self.layers.append(
                 _Layer(
                     input_norm=take(layer.input_layernorm.weight),
-                    qkv=take(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
-                    qkv_bias=take(torch.cat(biases)) if biases[0] is not None else None,
+                    qkv=linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                               torch.cat(biases) if biases[0] is not None else None),
                     q_norm=take(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
                     k_norm=take(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
-                    o_proj=take(attn.o_proj.weight),
+                    o_proj=linear(attn.o_proj.weight),
                     post_norm=take(layer.post_attention_layernorm.weight),
-                    gate_up=take(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    down=take(mlp.down_proj.weight),
+                    gate_up=linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=linear(mlp.down_proj.weight),
                 )
             )
+
+    def weight_bytes(self) -> int:
+        """What one step reads of the matrices: every layer's and the LM head's."""
+        linears = [self.lm_head] + [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                         layer.down)]
+        return sum(m.nbytes() for m in linears)
 
     def _rotary_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length).unsqueeze(0)
@@ -186,7 +199,7 @@ class PagedCausalLM:
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         for index, layer in enumerate(self.layers):
             residual = hidden
-            qkv = F.linear(self._norm(hidden, layer.input_norm), layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(self._norm(hidden, layer.input_norm))
             q = qkv[:, :q_width].view(-1, shape.num_heads, shape.head_dim)
             k = qkv[:, q_width : q_width + kv_width].view(-1, shape.num_kv_heads, shape.head_dim)
             v = qkv[:, q_width + kv_width :].view(-1, shape.num_kv_heads, shape.head_dim)
@@ -198,16 +211,16 @@ class PagedCausalLM:
             pool.rows.index_copy_(0, key_rows, k.reshape(-1, kv_width).to(pool.rows.dtype))
             pool.rows.index_copy_(0, value_rows, v.reshape(-1, kv_width).to(pool.rows.dtype))
             attended = plan.attend(q, k, v, pool, index, self.dtype)
-            hidden = residual + F.linear(attended, layer.o_proj)
+            hidden = residual + layer.o_proj(attended)
             residual = hidden
-            gate, up = F.linear(self._norm(hidden, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
+            hidden = residual + layer.down(F.silu(gate) * up)
         last = self._norm(hidden[plan.sample_rows], self.final_norm)
-        if last.shape[0] == 1:
-            return F.linear(last, self.lm_head)
-        # Measured with MKL on AVX2: for several rows the vocabulary-major product is 1.3-1.5x
-        # faster than F.linear's, which packs the whole 49152-row matrix for a handful of rows.
-        return torch.mm(self.lm_head, last.t()).t()
+        if last.shape[0] == 1 or not isinstance(self.lm_head, DenseLinear):
+            return self.lm_head(last)
+        # With MKL, for several rows the vocabulary-major product is faster than F.linear's, which
+        # packs the whole vocabulary-row matrix for a handful of rows (benchmarks/RESULTS.md).
+        return torch.mm(self.lm_head.weight, last.t()).t()
 
 
 class _StepPlan:

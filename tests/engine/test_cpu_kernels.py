@@ -41,3 +41,21 @@ def test_decode_attention_reads_the_pool_in_place(dtype):
 def test_shapes_the_kernel_does_not_cover_take_the_torch_path():
     assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 1, 2, 4, 1, 24), 24)
     assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 1, 2, 4, 1, 32, dtype=torch.float16), 32)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 33, 64])
+def test_int8_linear_equals_the_dequantized_product(rows):
+    from python_backend_utils.engine.linear import PREFILL_ROWS, Int8Linear
+
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(98, 72, generator=generator), torch.randn(98, generator=generator)
+    x = torch.randn(rows, 72, generator=generator)
+    linear = Int8Linear(weight, bias)
+    assert linear.uses_kernel
+    dequantized = linear.weight.float() * linear.scale[:, None]
+    torch.testing.assert_close(linear(x), F.linear(x, dequantized, bias), atol=1e-4, rtol=1e-4)
+    # Quantization itself costs little: per-channel int8 is within a few percent of the fp32 product.
+    exact = F.linear(x, weight, bias)
+    assert ((linear(x) - exact).norm() / exact.norm()).item() < 0.02
+    if rows < PREFILL_ROWS:
+        assert not torch.equal(linear(x), F.linear(x, weight, bias))  # it really is the int8 weight

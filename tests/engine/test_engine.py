@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.sequence import Role
@@ -298,3 +298,22 @@ def test_a_request_larger_than_the_pool_is_refused(tiny_dir):
     engine = tiny_engine(tiny_dir, num_kv_blocks=4)
     with pytest.raises(CapacityError, match="KV blocks"):
         engine.add_request("huge", [3] * 10, greedy(20))
+
+
+def test_int8_weights_answer_like_fp32_on_the_default_model(smol_dir, tokenizer):
+    """int8 is a speed mode: the default model must still answer as fp32 does."""
+    engine = LLMEngine(EngineConfig(model_dir=smol_dir, num_kv_blocks=64, block_size=16, weight_quantization="int8"))
+    assert engine.model.weight_bytes() < smol_engine_weight_bytes(smol_dir) / 3
+    engine.add_request("paris", tokenizer("The capital of France is").input_ids, SamplingParams(max_tokens=4))
+    assert "Paris" in tokenizer.decode(tokens_of(run_to_completion(engine)["paris"]))
+
+
+def smol_engine_weight_bytes(smol_dir) -> int:
+    return LLMEngine(EngineConfig(model_dir=smol_dir, num_kv_blocks=1, block_size=16)).model.weight_bytes()
+
+
+def test_int8_weights_are_refused_off_the_cpu(tiny_dir):
+    with pytest.raises(ConfigError, match="CPU mode"):
+        LLMEngine(EngineConfig(model_dir=tiny_dir, device="meta", weight_quantization="int8"))
+    with pytest.raises(ConfigError, match="weight_quantization"):
+        EngineConfig(weight_quantization="int4")
