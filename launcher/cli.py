@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
@@ -79,8 +80,8 @@ def banner(server: TritonServer, ensemble: str, frontend: OpenAIFrontend | None 
     prompt = '{"text_input": "The capital of France is", "max_tokens": 16}'
     openai = []
     if frontend is not None:
-        chat = '{"model": "MODEL", "messages": [{"role": "user", "content": "Hi"}]}'
-        openai = [f"  OpenAI   {frontend.url}/v1 (GET /v1/models names MODEL)",
+        chat = json.dumps({"model": frontend.model_id, "messages": [{"role": "user", "content": "Hi"}]})
+        openai = [f"  OpenAI   {frontend.url}/v1",
                   f"  curl -s {frontend.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'"]
     return "\n".join(
         [

@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from python_backend_utils.environment import resolve_model_dir
+
 # The model the frontend calls, by the ensemble a deployment loads (the ensemble's middle step).
 TARGETS = {"ensemble": "disaggregated_serving_bls", "ensemble_aggregated": "aggregated"}
 
@@ -39,6 +41,7 @@ class OpenAIFrontend:
         self.log_file = log_file
         self.command = [sys.executable, "-m", "openai_frontend", "--triton-url", triton_grpc_url,
                         "--triton-model", triton_model, "--host", host, "--port", str(port)]
+        self.model_dir = model_dir
         if model_dir:
             self.command += ["--model-dir", model_dir]
         self._process: subprocess.Popen | None = None
@@ -46,6 +49,11 @@ class OpenAIFrontend:
     @property
     def url(self) -> str:
         return f"http://localhost:{self.port}"
+
+    @property
+    def model_id(self) -> str:
+        """The `model` requests name: the checkpoint directory's name."""
+        return resolve_model_dir(self.model_dir).name
 
     def start(self) -> None:
         output = open(self.log_file, "ab") if self.log_file is not None else None

@@ -98,13 +98,15 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     async def generation_failed(request: Request, error: GenerationError) -> JSONResponse:
         return await api_error(request, ApiError(error.status, str(error)))
 
-    async def check(request: SamplingRequest) -> None:
-        nonlocal ready_once
+    def check(request: SamplingRequest) -> None:
         if request.model != model.card.id:
             raise ApiError(404, f"the model {request.model!r} does not exist: this server serves {model.card.id!r}",
                            "model", "model_not_found")
         if (unsupported := request.unsupported()) is not None:
             raise ApiError(400, f"{unsupported[0]}: {unsupported[1]}", unsupported[0], "unsupported_parameter")
+
+    async def wait_ready() -> None:
+        nonlocal ready_once
         if not ready_once:  # once ready, a server that goes away shows in the request's own error
             ready_once = await generator.ready()
             if not ready_once:
@@ -112,6 +114,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
 
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
                     log_probs: bool) -> Answer:
+        await wait_ready()
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs)
         answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings())
         await answer.start()
@@ -128,7 +131,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> Completion | EventSourceResponse:
-        await check(request)
+        check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
         answer = await start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
@@ -139,7 +142,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | EventSourceResponse:
-        await check(request)
+        check(request)
         if model.chat_template is None:
             raise ApiError(400, f"the model {model.card.id!r} has no chat template: use /v1/completions",
                            "messages", "no_chat_template")
