@@ -138,6 +138,16 @@ def test_every_mode_that_serves_an_ensemble_gets_the_openai_frontend():
     assert "curl -s http://localhost:9100/v1/chat/completions" in text
 
 
+def test_perf_analyzer_runs_with_no_hand_made_links():
+    result = subprocess.run([sys.executable, "-m", "launcher.perf_analyzer", "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert "Perf Analyzer Version" in result.stdout + result.stderr
+    bin_dir = subprocess.run([sys.executable, "-m", "launcher.perf_analyzer", "--bin-dir"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    by_name = subprocess.run([str(Path(bin_dir) / "perf_analyzer"), "--version"], capture_output=True, text=True)
+    assert "Perf Analyzer Version" in by_name.stdout + by_name.stderr
+
+
 @pytest.mark.integration
 def test_failed_start_is_retried_once_and_leaves_nothing_behind(tmp_path):
     repository = write_model(tmp_path / "repo", "broken", initialize='raise RuntimeError("broken on purpose")')
