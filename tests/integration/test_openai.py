@@ -224,3 +224,17 @@ def test_sixteen_concurrent_streaming_chats_all_complete(frontend):
 
     answers = asyncio.run(all_of_them())
     assert all(content and reason in ("stop", "length") for content, reason in answers), answers
+
+
+def test_in_aggregated_mode_the_frontend_answers_as_ensemble_aggregated(triton_server, tmp_path):
+    [port] = free_ports(1)
+    aggregated = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model="aggregated", port=port,
+                                host="127.0.0.1", log_file=tmp_path / "frontend.log")
+    try:
+        aggregated.start()
+        client = openai.OpenAI(base_url=f"{aggregated.url}/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+    finally:
+        aggregated.stop()
+    assert answer.choices[0].text == generate(triton_server, "ensemble_aggregated", PROMPT, MAX_TOKENS)
