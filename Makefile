@@ -13,7 +13,7 @@ DEPS := $(VENV)/.deps-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint model bench-engine setup clean
+.PHONY: serve test lint model bench-engine perf setup clean
 
 serve: setup
 	$(BIN)/disagg-serve $(SERVE_ARGS)
@@ -29,6 +29,15 @@ model: $(DEFAULT_MODEL)
 
 bench-engine: $(DEPS) $(DEFAULT_MODEL)
 	$(BIN)/python -m benchmarks.bench_engine
+
+# perf_analyzer against a running `make serve`: 128-token prompts, 32 tokens out, concurrency 1 to 4.
+# Extra or overriding flags: make perf PERF_ARGS="-u otherhost:8001 --concurrency-range 8:8"
+PERF_ARGS ?=
+perf: $(DEPS)
+	$(BIN)/disagg-perf-analyzer -m ensemble -u localhost:8001 -i grpc --streaming \
+		--input-data client/data/perf_inputs.json --concurrency-range 1:4 \
+		--measurement-mode count_windows --measurement-request-count 8 --stability-percentage 999 --max-trials 3 \
+		$(PERF_ARGS)
 
 setup: $(DEPS) $(TRITONSERVER) $(DEFAULT_MODEL)
 

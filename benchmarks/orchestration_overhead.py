@@ -9,6 +9,8 @@ path; each path gets prompts of its own (a shared prompt would be served from a 
     generation                 one engine, both phases, token ids in and out
     aggregated                 the same engine role as in ensemble_aggregated
     context                    the context phase alone: first token and KV handle (TTFT only)
+    openai                     with --openai-url: /v1/completions streamed over HTTP (SSE) by the
+                               OpenAI frontend, which calls disaggregated_serving_bls over gRPC
 
 Per path: TTFT and inter-token latency (ITL) p50/p90 in ms. The orchestration overhead is a
 path's ITL p50 minus `generation`'s: every token of a disaggregated request passes through the
@@ -21,11 +23,15 @@ With the default model a decode step (~95 ms here) varies by more than the hops 
 
     .venv/bin/disagg-serve --mode both &
     .venv/bin/python -m benchmarks.orchestration_overhead --url localhost:8001 --requests 20
+    .venv/bin/python -m benchmarks.orchestration_overhead --openai-url localhost:9000 \
+        --paths ensemble disaggregated_serving_bls openai     # what the OpenAI frontend adds
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import queue
 import random
 import statistics
@@ -88,6 +94,32 @@ def timed_stream(url: str, model: str, arrays: dict[str, np.ndarray], timeout_s:
         client.close()
 
 
+def timed_openai_stream(address: str, prompt: str, output_len: int, timeout_s: float) -> list[float]:
+    """The same as timed_stream, through the OpenAI frontend: one SSE event per engine response."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    try:
+        connection.request("GET", "/v1/models")
+        model = json.loads(connection.getresponse().read())["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True}
+        sent = time.perf_counter()
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"openai: {response.status} {response.read()!r}")
+        times = []
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            at = time.perf_counter()
+            choices = json.loads(line[len(b"data: "):])["choices"]
+            if choices and choices[0]["finish_reason"] is None:
+                times.append(at - sent)
+        return times
+    finally:
+        connection.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -100,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests per path first")
     parser.add_argument("--isl", type=int, default=128, help="prompt tokens")
     parser.add_argument("--osl", type=int, default=32, help="output tokens")
+    parser.add_argument("--openai-url", help="host:port of the OpenAI frontend, for the `openai` path")
     parser.add_argument("--paths", nargs="+", default=[*TEXT_PATHS, *TOKEN_PATHS])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
@@ -113,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.paths:
             prompt = cutter.random_prompt(rng, args.isl)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            times = timed_stream(args.url, path, request_arrays(path, prompt, prompt_ids, args.osl), args.timeout_s)
+            if path == "openai":
+                times = timed_openai_stream(args.openai_url, prompt, args.osl, args.timeout_s)
+            else:
+                arrays = request_arrays(path, prompt, prompt_ids, args.osl)
+                times = timed_stream(args.url, path, arrays, args.timeout_s)
             if index < args.warmup:
                 continue
             timings[path].ttft_ms.append(times[0] * 1000)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
+from launcher.openai_process import FrontendStartError, OpenAIFrontend, frontend_target
 from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 from python_backend_utils.orchestration.deployment import DeploymentError
@@ -67,22 +69,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--openai-port", type=int, default=9000,
+                        help="port of the OpenAI-compatible API (/v1/chat/completions, ...); 0 turns it off")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     return parser.parse_args(argv)
 
 
-def banner(server: TritonServer, ensemble: str) -> str:
+def banner(server: TritonServer, ensemble: str, frontend: OpenAIFrontend | None = None) -> str:
     urls = server.urls
     prompt = '{"text_input": "The capital of France is", "max_tokens": 16}'
+    openai = []
+    if frontend is not None:
+        chat = json.dumps({"model": frontend.model_id, "messages": [{"role": "user", "content": "Hi"}]})
+        openai = [f"  OpenAI   {frontend.url}/v1",
+                  f"  curl -s {frontend.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'"]
     return "\n".join(
         [
             "tritonserver is ready",
             f"  HTTP     http://{urls.http}",
             f"  gRPC     {urls.grpc}",
             f"  metrics  http://{urls.metrics}/metrics",
+            *openai[:1],
             "try:",
             f"  curl -s http://{urls.http}/v2/models/{ensemble}/generate -d '{prompt}'",
             f'  python -m client.generate --url {urls.grpc} --stream "Tell me a story"',
+            *openai[1:],
             "Ctrl-C stops the server.",
         ]
     )
@@ -104,30 +115,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace, repository: Path) -> int:
+    models = args.load_model or MODES[args.mode]
     server = TritonServer(
         repository,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        models=args.load_model or MODES[args.mode],
+        models=models,
         model_dir=args.model_dir,
         device=args.device,
         ready_timeout_s=args.ready_timeout,
     )
+    target = frontend_target(models)
+    frontend = None
+    if args.openai_port and target is not None:
+        frontend = OpenAIFrontend(triton_grpc_url=server.urls.grpc, triton_model=target,
+                                  port=args.openai_port, model_dir=args.model_dir)
     # SIGTERM unwinds like Ctrl-C, so the finally below stops the server either way.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         server.start()
-        print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble"), flush=True)
+        if frontend is not None:
+            frontend.start()
+        print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble", frontend),
+              flush=True)
         status = server.wait()
         print(f"tritonserver exited with status {status}", file=sys.stderr)
         return status
-    except ServerStartError as error:
+    except (ServerStartError, FrontendStartError) as error:
         print(error, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     finally:
+        if frontend is not None:
+            frontend.stop()
         server.stop()
 
 

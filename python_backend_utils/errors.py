@@ -11,3 +11,17 @@ class CapacityError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was cancelled or its KV could not be obtained."""
+
+
+# Triton 2.51's Python backend resets the code of every error a BLS call receives to INTERNAL
+# (triton-inference-server/server#7804), so a worker's INVALID_ARG would reach the orchestrator
+# as a failure to retry elsewhere. Errors the client must fix therefore also say so in their message.
+CLIENT_ERROR_PREFIX = "invalid request: "
+
+
+def client_error_message(message: str) -> str:
+    return message if message.startswith(CLIENT_ERROR_PREFIX) else CLIENT_ERROR_PREFIX + message
+
+
+def is_client_error_message(message: str) -> bool:
+    return message.startswith(CLIENT_ERROR_PREFIX)

@@ -59,6 +59,18 @@ def test_shared_modules_import_only_the_standard_library():
         assert {n.split(".")[0] for n in imported(path)} <= set(sys.stdlib_module_names) | {"__future__"}, path
 
 
+def test_openai_frontend_is_a_client_of_triton_without_the_engine():
+    assert violations("openai_frontend", (
+        f"{PACKAGE}.engine", f"{PACKAGE}.orchestration", "torch", "transformers", "kv_transfer",
+        "triton_python_backend_utils", "client", "launcher")) == []
+
+
+def test_openai_frontend_loads_neither_torch_nor_transformers():
+    probe = "import sys, openai_frontend.__main__; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_kv_transfer_stands_alone():
     assert violations("kv_transfer", (PACKAGE, "client", "launcher", "benchmarks", "triton_python_backend_utils",
                                       "tritonclient")) == []
@@ -66,7 +78,7 @@ def test_kv_transfer_stands_alone():
 
 def test_no_module_the_server_loads_is_oversized():
     oversized = [f"{path.relative_to(REPO_ROOT)}: {n} lines"
-                 for root in (PACKAGE, "kv_transfer") for path in modules(root)
+                 for root in (PACKAGE, "kv_transfer", "openai_frontend") for path in modules(root)
                  if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES]
     assert oversized == []
 

@@ -162,6 +162,10 @@ class LLMEngine:
         seqs = [item.seq for item in sampling]
         if any(s.params.bad_words for s in seqs):
             apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs])
+        # min_tokens: the end id cannot be drawn until the answer is long enough.
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
+                logits[row, seq.params.end_id] = float("-inf")
         tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
         for seq, token, log_prob in zip(seqs, tokens.tolist(), log_probs.tolist()):
@@ -176,6 +180,8 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
+        if seq.num_output_tokens < params.min_tokens:
+            return None
         if not params.ignore_eos and params.end_id is not None and token == params.end_id:
             return "stop"
         output = seq.output_ids

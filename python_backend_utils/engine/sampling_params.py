@@ -25,6 +25,7 @@ class SamplingParams:
     bad_words: tuple[tuple[int, ...], ...] = ()
     return_log_probs: bool = False
     ignore_eos: bool = False
+    min_tokens: int = 0  # the end id and stop words cannot end the answer before this many tokens
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +45,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) exceeds the context window "
                 f"of {max_model_len}: ask for at most {max_model_len - prompt_len} tokens"
+            )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens (min_length) must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")

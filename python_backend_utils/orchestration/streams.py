@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend_utils.errors import is_client_error_message
 from python_backend_utils.orchestration.remote import ClientError, WorkerFailed
 from python_backend_utils.orchestration.routing import Target
 from python_backend_utils.serving.stub_recovery import is_dead_stub_error
@@ -64,7 +65,7 @@ class LocalStream:
                 return None
             if response.has_error():
                 error = response.error()
-                if error.code() == pb_utils.TritonError.INVALID_ARG:
+                if error.code() == pb_utils.TritonError.INVALID_ARG or is_client_error_message(error.message()):
                     raise ClientError(error.message())
                 failure = StubDied if is_dead_stub_error(error.message()) else WorkerFailed
                 raise failure(f"{self._where}: {error.message()}")

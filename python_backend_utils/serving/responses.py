@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.errors import CapacityError, InvalidRequestError, RequestAbortedError
+from python_backend_utils.errors import (
+    CapacityError,
+    InvalidRequestError,
+    RequestAbortedError,
+    client_error_message,
+)
 from python_backend_utils.serving.context_params import MalformedContextParamsError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -20,6 +25,8 @@ def error_response(error: Exception) -> pb_utils.InferenceResponse:
     else:
         code = pb_utils.TritonError.INTERNAL
     message = str(error) or f"{type(error).__name__} (no detail)"  # never an empty error for the client
+    if code == pb_utils.TritonError.INVALID_ARG:
+        message = client_error_message(message)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 

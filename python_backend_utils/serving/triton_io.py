@@ -122,6 +122,7 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         stop_words=decode_word_list(inputs.get("stop_words_list"), "stop_words_list"),
         bad_words=decode_word_list(inputs.get("bad_words_list"), "bad_words_list"),
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
+        min_tokens=scalar(inputs, "min_length", 0),
     )
     return GenerationRequest(
         prompt_ids=input_ids[:length].tolist(),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import banner
+from launcher.cli import MODES, banner
+from launcher.openai_process import OpenAIFrontend, frontend_target
 from launcher.ports import free_ports, free_server_ports
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.server import ServerStartError, TritonServer
@@ -124,6 +125,27 @@ def test_banner_shows_the_urls_and_a_working_curl_line():
     assert "curl -s http://localhost:9000/v2/models/ensemble/generate -d " in text
     assert "--url localhost:9001 --stream" in text
     assert "http://localhost:9002/metrics" in text
+
+
+def test_every_mode_that_serves_an_ensemble_gets_the_openai_frontend():
+    assert {mode: frontend_target(models) for mode, models in MODES.items()} == {
+        "disaggregated": "disaggregated_serving_bls", "both": "disaggregated_serving_bls",
+        "orchestrator": "disaggregated_serving_bls", "aggregated": "aggregated",
+        "context-server": None, "generation-server": None,
+    }
+    frontend = OpenAIFrontend(triton_grpc_url="localhost:9001", triton_model="aggregated", port=9100)
+    text = banner(TritonServer(http_port=9000, grpc_port=9001, metrics_port=9002), "ensemble", frontend)
+    assert "curl -s http://localhost:9100/v1/chat/completions" in text
+
+
+def test_perf_analyzer_runs_with_no_hand_made_links():
+    result = subprocess.run([sys.executable, "-m", "launcher.perf_analyzer", "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert "Perf Analyzer Version" in result.stdout + result.stderr
+    bin_dir = subprocess.run([sys.executable, "-m", "launcher.perf_analyzer", "--bin-dir"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    by_name = subprocess.run([str(Path(bin_dir) / "perf_analyzer"), "--version"], capture_output=True, text=True)
+    assert "Perf Analyzer Version" in by_name.stdout + by_name.stderr
 
 
 @pytest.mark.integration

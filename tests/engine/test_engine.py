@@ -241,6 +241,20 @@ def test_stop_words_end_id_and_max_tokens(tiny_dir, tiny_reference):
     assert tokens_of(outputs["eos"]) == expected[:eos_at] and outputs["eos"][-1].finish_reason == "stop"
 
 
+def test_min_tokens_holds_back_the_end_id_and_stop_words(tiny_dir, tiny_reference):
+    engine = tiny_engine(tiny_dir)
+    prompt = [9, 8, 7, 6]
+    expected = reference_greedy(tiny_reference, prompt, 10)
+    end_id = expected[0]  # without min_tokens the answer would end at once, empty
+    engine.add_request("eos", prompt, SamplingParams(max_tokens=10, end_id=end_id, min_tokens=6))
+    engine.add_request("stop", prompt, SamplingParams(max_tokens=10, stop_words=((expected[0],),), min_tokens=4))
+    outputs = run_to_completion(engine)
+    held = tokens_of(outputs["eos"])
+    assert len(held) >= 6 and end_id not in held[:6]
+    stopped = tokens_of(outputs["stop"])
+    assert stopped[:4] == expected[:4] and len(stopped) >= 4
+
+
 def test_bad_words_are_never_generated(tiny_dir, tiny_reference):
     engine = tiny_engine(tiny_dir)
     prompt = [9, 8, 7, 6]
@@ -285,6 +299,8 @@ def test_top_k_one_is_greedy_and_log_probs_are_reported(tiny_dir, tiny_reference
         (5, SamplingParams(top_k=-1), "top_k"),
         (5, SamplingParams(end_id=10**6), "end_id"),
         (5, SamplingParams(stop_words=((),)), "stop_words"),
+        (5, SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
+        (5, SamplingParams(min_tokens=-1), "min_tokens"),
     ],
 )
 def test_invalid_requests_are_refused_with_a_reason(tiny_dir, prompt_len, params, message):

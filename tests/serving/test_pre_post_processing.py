@@ -116,6 +116,7 @@ def test_generation_request_reads_tensorrt_llm_names_and_defaults():
             "bad_words_list": encode_word_list([[8]]),
             "return_log_probs": np.array([True]),
             "streaming": np.array([True]),
+            "min_length": np.array([3], dtype=np.int32),
         }
     )
     assert request.prompt_ids == [1, 2, 3]
@@ -128,6 +129,7 @@ def test_generation_request_reads_tensorrt_llm_names_and_defaults():
         end_id=2,
         stop_words=((5, 6),),
         bad_words=((8,),),
+        min_tokens=3,
         return_log_probs=True,
     )
     assert request.streaming

@@ -1,0 +1,95 @@
+"""The OpenAI frontend (`python -m openai_frontend`) as a child process of the launcher.
+
+A process of its own, not a thread: its event loop and the GIL stay out of the launcher, and it
+is stopped (SIGTERM, then SIGKILL of its process group) with the server it fronts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from python_backend_utils.environment import resolve_model_dir
+
+# The model the frontend calls, by the ensemble a deployment loads (the ensemble's middle step).
+TARGETS = {"ensemble": "disaggregated_serving_bls", "ensemble_aggregated": "aggregated"}
+
+
+class FrontendStartError(RuntimeError):
+    """The OpenAI frontend exited or did not answer /health in time."""
+
+
+def frontend_target(models: Sequence[str]) -> str | None:
+    """The Triton model the frontend calls for a server that loads `models`; None: nothing to front."""
+    return next((TARGETS[name] for name in TARGETS if name in models), None)
+
+
+class OpenAIFrontend:
+    def __init__(self, *, triton_grpc_url: str, triton_model: str, port: int, model_dir: str | None = None,
+                 host: str = "0.0.0.0", log_file: Path | None = None, ready_timeout_s: float = 60.0,
+                 stop_timeout_s: float = 10.0) -> None:
+        self.port = port
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.log_file = log_file
+        self.command = [sys.executable, "-m", "openai_frontend", "--triton-url", triton_grpc_url,
+                        "--triton-model", triton_model, "--host", host, "--port", str(port)]
+        self.model_dir = model_dir
+        if model_dir:
+            self.command += ["--model-dir", model_dir]
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}"
+
+    @property
+    def model_id(self) -> str:
+        """The `model` requests name: the checkpoint directory's name."""
+        return resolve_model_dir(self.model_dir).name
+
+    def start(self) -> None:
+        output = open(self.log_file, "ab") if self.log_file is not None else None
+        try:
+            self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=output,
+                                             stderr=subprocess.STDOUT if output else None, start_new_session=True)
+        finally:
+            if output is not None:
+                output.close()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise FrontendStartError(f"the OpenAI frontend exited with status {self._process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise FrontendStartError(
+            f"the OpenAI frontend did not answer {self.url}/health within {self.ready_timeout_s:.0f} s"
+        )
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait()

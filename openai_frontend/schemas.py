@@ -1,0 +1,254 @@
+"""Request and response bodies of the OpenAI API, as far as this server implements it.
+
+Requests forbid unknown fields: a parameter this server does not know is a 400 naming it, never
+silently dropped. Parameters it knows but the engine cannot honour (n > 1, penalties, tools, ...)
+are accepted by the schema and refused by `unsupported()` with a message that says why.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length"]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool = False
+
+
+class SamplingRequest(RequestBody):
+    """What /v1/completions and /v1/chat/completions share, with the extensions benchmark tools send."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 and -1 turn it off
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [stop for stop in stops if stop]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, reason) for the first thing asked that the engine cannot do, else None."""
+        checks = [
+            ("n", self.n != 1, "only n=1 is supported: send one request per choice"),
+            ("presence_penalty", self.presence_penalty != 0.0, "the engine has no presence penalty: send 0"),
+            ("frequency_penalty", self.frequency_penalty != 0.0, "the engine has no frequency penalty: send 0"),
+            ("repetition_penalty", self.repetition_penalty != 1.0, "the engine has no repetition penalty: send 1"),
+            ("logit_bias", bool(self.logit_bias), "the engine does not bias logits"),
+        ]
+        return next(((name, reason) for name, failed, reason in checks if failed), None)
+
+
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def template_data(self) -> dict[str, str]:
+        """The message as the chat template reads it: text parts joined into one string."""
+        content = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        data = {"role": self.role, "content": content}
+        if self.name is not None:
+            data["name"] = self.name
+        return data
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> tuple[str, str] | None:
+        checks = [
+            ("tools", bool(self.tools), "tool calls are not supported"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool calls are not supported"),
+            ("functions", bool(self.functions), "function calls are not supported"),
+            ("function_call", self.function_call not in (None, "none"), "function calls are not supported"),
+            ("response_format", (self.response_format or {"type": "text"}).get("type") != "text",
+             "only the text response format is supported"),
+            ("top_logprobs", bool(self.top_logprobs),
+             "the engine reports only the chosen token's log-probability: send top_logprobs 0 or leave it out"),
+        ]
+        found = next(((name, reason) for name, failed, reason in checks if failed), None)
+        return found or super().unsupported()
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+    def text_prompt(self) -> str | None:
+        """The prompt's text; None when it came as token ids."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[0] if self.prompt and isinstance(self.prompt[0], str) else None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        checks = [
+            ("prompt", isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], str)
+             and len(self.prompt) != 1, "one prompt per request: batches of prompts are not supported"),
+            ("logprobs", bool(self.logprobs),
+             "the engine reports only the chosen token's log-probability: send logprobs 0"),
+            ("echo", self.echo, "echoing the prompt is not supported"),
+            ("best_of", self.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("suffix", bool(self.suffix), "suffixes (insertion) are not supported"),
+        ]
+        found = next(((name, reason) for name, failed, reason in checks if failed), None)
+        return found or super().unsupported()
+
+
+# ----------------------------------------------------------------- responses
+def response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[dict[str, Any]] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
