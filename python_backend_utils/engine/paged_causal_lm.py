@@ -200,12 +200,16 @@ class PagedCausalLM:
         for index, layer in enumerate(self.layers):
             residual = hidden
             qkv = layer.qkv(self._norm(hidden, layer.input_norm))
-            q = qkv[:, :q_width].view(-1, shape.num_heads, shape.head_dim)
-            k = qkv[:, q_width : q_width + kv_width].view(-1, shape.num_kv_heads, shape.head_dim)
             v = qkv[:, q_width + kv_width :].view(-1, shape.num_kv_heads, shape.head_dim)
-            if layer.q_norm is not None:
-                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            if layer.q_norm is None:  # one rotation for the query and key heads together: half the small ops
+                qk = self._rotate(qkv[:, : q_width + kv_width].view(-1, shape.num_heads + shape.num_kv_heads,
+                                                                    shape.head_dim), cos, sin)
+                q, k = qk[:, : shape.num_heads], qk[:, shape.num_heads :]
+            else:
+                q = self._norm(qkv[:, :q_width].view(-1, shape.num_heads, shape.head_dim), layer.q_norm)
+                k = self._norm(qkv[:, q_width : q_width + kv_width].view(-1, shape.num_kv_heads, shape.head_dim),
+                               layer.k_norm)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             key_rows = plan.write_rows + 2 * index * pool.block_size
             value_rows = key_rows + pool.block_size
             pool.rows.index_copy_(0, key_rows, k.reshape(-1, kv_width).to(pool.rows.dtype))
@@ -285,12 +289,18 @@ class _StepPlan:
     ) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
         kv_heads = k.shape[1]
-        out = torch.empty(self.num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+        only_decode = len(self.decode_tokens) == self.num_tokens  # then token i is decode token i
+        out = None if only_decode and self.in_place else torch.empty(
+            self.num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         key_offset, value_offset = 2 * layer * pool.block_size, (2 * layer + 1) * pool.block_size
         if self.decode_tokens and self.in_place:
-            result = cpu_kernels.decode_attention(q[self.decode_index], pool.tensor, self.decode_tables,
-                                                  self.decode_lengths, layer, kv_heads, pool.block_size)
-            out[self.decode_index] = result.view(len(self.decode_tokens), num_heads * head_dim).to(out.dtype)
+            result = cpu_kernels.decode_attention(q if only_decode else q[self.decode_index], pool.tensor,
+                                                  self.decode_tables, self.decode_lengths, layer, kv_heads,
+                                                  pool.block_size)
+            result = result.view(len(self.decode_tokens), num_heads * head_dim).to(q.dtype)
+            if only_decode:
+                return result
+            out[self.decode_index] = result
         elif self.decode_tokens:
             batch, longest = self.decode_rows.shape
             keys = pool.rows[self.decode_rows + key_offset].to(dtype).view(batch, longest, kv_heads, head_dim)
