@@ -183,8 +183,8 @@ AVX2 INLINE void int8_tile_avx2(const float *x, WeightPair pair, const float *sc
         }
     }
     for (int r = 0; r < rows; r++) {
-        y[(m0 + r) * n + n0] = sum8(acc0[r]) * scale[n0] + (bias ? bias[n0] : 0.0f);
-        y[(m0 + r) * n + n0 + 1] = sum8(acc1[r]) * scale[n0 + 1] + (bias ? bias[n0 + 1] : 0.0f);
+        y[(m0 + r) * n + n0] = sum8(acc0[r]) * (scale ? scale[n0] : 1.0f) + (bias ? bias[n0] : 0.0f);
+        y[(m0 + r) * n + n0 + 1] = sum8(acc1[r]) * (scale ? scale[n0 + 1] : 1.0f) + (bias ? bias[n0 + 1] : 0.0f);
     }
 }
 
@@ -215,6 +215,48 @@ AVX2 static void int8_gemv_avx2(const float *x, const int8_t *w, const float *sc
     for (; n0 < n; n0 += 2) {
         WeightPair pair = {w + n0 * k, w + (n0 + 1) * k, NULL, NULL};
         int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, 0, 1);
+    }
+}
+
+/* fp32 weights, row-major [n, k] as torch keeps them: for one row of x, four weight rows with
+ * two accumulators each; for more, pairs of weight rows against tiles of ROWS_AT_ONCE rows of x,
+ * the pair staying in L1 between tiles. MKL's sgemm packs the whole weight on every call, which
+ * costs more than the product itself at a few rows. */
+AVX2 static void fp32_linear_avx2(const float *x, const float *w, const float *bias, float *y,
+                                  int64_t m, int64_t n, int64_t k)
+{
+    int64_t n0 = 0;
+    if (m == 1) {
+        for (; n0 + 4 <= n; n0 += 4) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_setzero_ps();
+            const float *row = w + n0 * k;
+            for (int64_t i = 0; i + 16 <= k; i += 16) {
+                __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+                for (int j = 0; j < 4; j++) {
+                    acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + i), x0, acc[2 * j]);
+                    acc[2 * j + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + i + 8), x1, acc[2 * j + 1]);
+                }
+            }
+            if (k % 16)
+                for (int j = 0; j < 4; j++)
+                    acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + k - 8), _mm256_loadu_ps(x + k - 8),
+                                                 acc[2 * j]);
+            for (int j = 0; j < 4; j++)
+                y[n0 + j] = sum8(_mm256_add_ps(acc[2 * j], acc[2 * j + 1])) + (bias ? bias[n0 + j] : 0.0f);
+        }
+    }
+    for (; n0 < n; n0 += 2) {
+        WeightPair pair = {NULL, NULL, w + n0 * k, w + (n0 + 1) * k};
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS_AT_ONCE) {
+            switch (m - m0 < ROWS_AT_ONCE ? m - m0 : ROWS_AT_ONCE) {
+            case 1: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 1); break;
+            case 2: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 2); break;
+            case 3: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 3); break;
+            default: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 4); break;
+            }
+        }
     }
 }
 
@@ -286,6 +328,31 @@ static int int8_linear(const float *x, const int8_t *w, const float *scale, cons
     return 0;
 }
 
+/* fp32_linear(x, w, bias or 0, y, m, n, k): x [m, k], w [n, k], bias [n], y [m, n], all fp32. */
+static PyObject *py_fp32_linear(PyObject *self, PyObject *args)
+{
+    unsigned long long x, w, bias, y;
+    long long m, n, k;
+    if (!PyArg_ParseTuple(args, "KKKKLLL:fp32_linear", &x, &w, &bias, &y, &m, &n, &k))
+        return NULL;
+    if (m <= 0 || n <= 0 || n % 2 || k % 8 || !have_avx2()) {
+        PyErr_SetString(PyExc_ValueError, "n must be even, k a multiple of 8, and the CPU must have AVX2 and FMA");
+        return NULL;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    Py_BEGIN_ALLOW_THREADS
+    fp32_linear_avx2((const float *)(uintptr_t)x, (const float *)(uintptr_t)w,
+                     bias ? (const float *)(uintptr_t)bias : NULL, (float *)(uintptr_t)y, m, n, k);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_has_avx2(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(have_avx2());
+}
+
 /* int8_linear(x, w, scale, bias or 0, y, m, n, k): x fp32 [m, k], w int8 [n, k], scale/bias fp32 [n]. */
 static PyObject *py_int8_linear(PyObject *self, PyObject *args)
 {
@@ -340,6 +407,8 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Attention of one new token per sequence over its paged KV, read in place."},
+    {"fp32_linear", py_fp32_linear, METH_VARARGS, "y = x @ w^T + bias for a few rows of x (AVX2 and FMA)."},
+    {"has_avx2", py_has_avx2, METH_NOARGS, "Whether this CPU has AVX2 and FMA (fp32_linear needs them)."},
     {"int8_linear", py_int8_linear, METH_VARARGS, "y = (x @ w^T) * scale + bias with int8 w, fp32 x and y."},
     {NULL, NULL, 0, NULL},
 };

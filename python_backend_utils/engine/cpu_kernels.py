@@ -48,3 +48,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     _cpu_kernels.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
                              out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
     return out
+
+
+def fp32_linear_applies(weight: torch.Tensor) -> bool:
+    return (_cpu_kernels is not None and _cpu_kernels.has_avx2() and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.is_contiguous() and weight.dim() == 2
+            and weight.shape[0] % 2 == 0 and weight.shape[1] % 8 == 0)
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias for fp32 x [m, k] contiguous, weight [n, k] contiguous, bias [n]."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _cpu_kernels.fp32_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                             out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
+    return out

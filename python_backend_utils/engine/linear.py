@@ -19,14 +19,20 @@ from python_backend_utils.engine import cpu_kernels
 
 # Rows from which widening the weight for MKL beats the int8 kernel (benchmarks/RESULTS.md).
 PREFILL_ROWS = 64
+# Rows for which the fp32 kernel beats MKL's sgemm, which packs the weight on every call: 1.2-1.3x
+# at 4-8 rows here; at 1-2 rows both stream the weight at the same pace, past 12 MKL wins.
+SKINNY_FP32_ROWS = range(4, 13)
 
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
+        self.uses_kernel = cpu_kernels.fp32_linear_applies(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel and x.dim() == 2 and x.shape[0] in SKINNY_FP32_ROWS:
+            return cpu_kernels.fp32_linear(x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:

@@ -59,3 +59,15 @@ def test_int8_linear_equals_the_dequantized_product(rows):
     assert ((linear(x) - exact).norm() / exact.norm()).item() < 0.02
     if rows < PREFILL_ROWS:
         assert not torch.equal(linear(x), F.linear(x, weight, bias))  # it really is the int8 weight
+
+
+@pytest.mark.parametrize("rows", [4, 7, 12])
+def test_fp32_linear_equals_torch(rows):
+    from python_backend_utils.engine.linear import SKINNY_FP32_ROWS, DenseLinear
+
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(98, 72, generator=generator), torch.randn(98, generator=generator)
+    x = torch.randn(rows, 72, generator=generator)
+    linear = DenseLinear(weight, bias)
+    assert linear.uses_kernel and rows in SKINNY_FP32_ROWS
+    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
