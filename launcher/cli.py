@@ -10,6 +10,7 @@ from pathlib import Path
 
 from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
+from launcher.supervisor import Supervisor
 from python_backend_utils.orchestration.deployment import DeploymentError
 
 # What each mode loads. The orchestrator reaches context and generation through BLS, which
@@ -119,9 +120,7 @@ def serve(args: argparse.Namespace, repository: Path) -> int:
     try:
         server.start()
         print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble"), flush=True)
-        status = server.wait()
-        print(f"tritonserver exited with status {status}", file=sys.stderr)
-        return status
+        return Supervisor(server).run()
     except ServerStartError as error:
         print(error, file=sys.stderr)
         return 1
