@@ -12,6 +12,7 @@ from pathlib import Path
 from launcher.openai_process import FrontendStartError, OpenAIFrontend, frontend_target
 from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
+from launcher.supervisor import Supervisor
 from python_backend_utils.orchestration.deployment import DeploymentError
 
 # What each mode loads. The orchestrator reaches context and generation through BLS, which
@@ -139,9 +140,7 @@ def serve(args: argparse.Namespace, repository: Path) -> int:
             frontend.start()
         print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble", frontend),
               flush=True)
-        status = server.wait()
-        print(f"tritonserver exited with status {status}", file=sys.stderr)
-        return status
+        return Supervisor(server).run()
     except (ServerStartError, FrontendStartError) as error:
         print(error, file=sys.stderr)
         return 1

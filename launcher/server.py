@@ -7,6 +7,18 @@ its /dev/shm regions) without touching anything else on the machine.
 The stubs get the deployment key that authenticates context_phase_params through
 TRITON_DISAGG_KV_KEY_FILE: the caller's, when set (a deployment across hosts shares one key file),
 else a random key made once per launcher process, so servers started side by side share it.
+
+Two protections against clients, both missing from Triton 2.51's defaults:
+- The model-repository API (load, unload, index) answers only requests that carry
+  ADMIN_HEADER with a random key made per server and never published, so no client can unload
+  `ensemble` or load a model from uploaded files. The orchestrator's stub recovery reloads
+  models through the in-process API (`pb_utils.load_model`), which this does not restrict.
+- The server runs with a thread stack of THREAD_STACK_BYTES instead of the usual 8 MiB. Triton
+  2.51's HTTP library (libevhtp) parses an `application/x-www-form-urlencoded` body (curl's
+  `-d` default) into two stack buffers the size of the body, so with 8 MiB stacks any body over
+  about 4.19 MB crashes the whole server (SIGSEGV). With 64 MiB the limit is about 33 MB, far
+  above any real request, which Triton then answers and our models refuse by size; 2.51 has no
+  body-size flag, and beyond that limit the supervisor (launcher/supervisor.py) restarts it.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import atexit
 import functools
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -33,6 +46,8 @@ from python_backend_utils.serving.context_params import MIN_KEY_BYTES
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 SHM_DIR = Path("/dev/shm")
+ADMIN_HEADER = "triton-disagg-admin-key"
+THREAD_STACK_BYTES = 64 << 20
 START_ATTEMPTS = 2  # a start fails now and then (seen: a lock exception during model load)
 
 
@@ -49,6 +64,14 @@ def session_key_file() -> Path:
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key_file:
         key_file.write(secrets.token_hex(MIN_KEY_BYTES))
     return path
+
+
+def with_thread_stack(command: list[str], stack_bytes: int) -> list[str]:
+    """`command` run through sh with the stack limit raised to `stack_bytes` (or the hard limit,
+    if lower): glibc sizes every thread's stack from it, and the process keeps the pid `exec` gives it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    kib = (stack_bytes if hard == resource.RLIM_INFINITY else min(stack_bytes, hard)) // 1024
+    return ["/bin/sh", "-c", f'ulimit -s {kib} && exec "$@"', "tritonserver", *command]
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,7 @@ class TritonServer:
         self.stop_timeout_s = stop_timeout_s
         self._process: subprocess.Popen | None = None
         self._shm_prefix = ""
+        self.admin_key = secrets.token_urlsafe(32)  # the value of ADMIN_HEADER for the repository API
 
     @property
     def urls(self) -> ServerUrls:
@@ -127,6 +151,11 @@ class TritonServer:
                 self._kill()
         raise ServerStartError("tritonserver failed to start:\n" + "\n".join(failures))
 
+    def restart(self) -> None:
+        """Clean up what is left of an exited server (its stubs, its shared memory) and start anew."""
+        self._kill()
+        self.start()
+
     def wait(self) -> int:
         """Block until the server exits; its exit status."""
         assert self._process is not None, "start() first"
@@ -153,6 +182,9 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--disable-auto-complete-config",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            # <api>:<header>=<value>; 2.51's --help says "<apis>,<key>=<value>", which it refuses
+            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_key}",
         ]
         if runtime.backend_directory is not None:
             command.append(f"--backend-directory={runtime.backend_directory}")
@@ -183,7 +215,7 @@ class TritonServer:
             output = open(self.log_file, "ab")
         try:
             self._process = subprocess.Popen(
-                self.command(runtime, self._shm_prefix),
+                with_thread_stack(self.command(runtime, self._shm_prefix), THREAD_STACK_BYTES),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,

@@ -17,6 +17,7 @@ import numpy as np
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.serving.detokenize import PRECEDING_TOKENS
+from python_backend_utils.serving.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_IDS, check_size
 
 
 class TritonTensor(Protocol):
@@ -78,6 +79,7 @@ def decode_word_list(encoded: np.ndarray | None, name: str) -> tuple[tuple[int, 
         encoded = encoded[0]
     if encoded.ndim != 2 or encoded.shape[0] != 2:
         raise InvalidRequestError(f"{name} must have shape [2, N], got {list(encoded.shape)}")
+    check_size(name, encoded.shape[1], MAX_WORD_LIST_IDS, "ids")
     ids, offsets = encoded[0].tolist(), encoded[1].tolist()
     words, start = [], 0
     for end in offsets:
@@ -108,6 +110,7 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
     if "input_ids" not in inputs:  # Triton checks only how many inputs came, not which
         raise InvalidRequestError("input_ids is required: send the prompt's token ids")
     input_ids = inputs["input_ids"].reshape(-1)
+    check_size("input_ids", input_ids.size, MAX_PROMPT_IDS, "token ids")
     length = scalar(inputs, "input_lengths", len(input_ids))
     if not 0 <= length <= len(input_ids):
         raise InvalidRequestError(f"input_lengths is {length} but input_ids holds {len(input_ids)} tokens")

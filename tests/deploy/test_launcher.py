@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from launcher.cli import MODES, banner
 from launcher.openai_process import OpenAIFrontend, frontend_target
 from launcher.ports import free_ports, free_server_ports
 from launcher.runtime import TritonRuntime, find_runtime
-from launcher.server import ServerStartError, TritonServer
+from launcher.server import ServerStartError, TritonServer, with_thread_stack
 
 ECHO_CONFIG = """
 name: "{name}"
@@ -93,8 +96,18 @@ def test_command_for_the_pypi_runtime_on_cpu():
         "--model-control-mode=explicit",
         "--load-model=ensemble",
         "--load-model=ensemble_unary",
+        f"--http-restricted-api=model-repository:triton-disagg-admin-key={server.admin_key}",
+        f"--grpc-restricted-protocol=model-repository:triton-disagg-admin-key={server.admin_key}",
     ]:
         assert flag in command
+    assert len(server.admin_key) >= 32 and server.admin_key != TritonServer().admin_key
+
+
+def test_the_server_runs_with_the_larger_thread_stack():
+    command = with_thread_stack(["/rt/tritonserver", "--http-port=1"], 64 << 20)
+    result = subprocess.run([*command[:4], "sh", "-c", "ulimit -s"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(64 << 10)
+    assert command[4:] == ["/rt/tritonserver", "--http-port=1"]
 
 
 def test_command_for_a_system_server_on_gpu_loads_every_model():
@@ -200,6 +213,73 @@ def test_cli_serves_until_sigterm_then_stops_the_server(tmp_path):
     finally:
         if cli.poll() is None:
             cli.kill()
+            cli.wait()
+    time.sleep(0.5)
+    assert processes_mentioning(str(repository)) == []
+
+
+def start_cli(repository: Path, model: str) -> tuple[subprocess.Popen, int, queue.Queue]:
+    """`disagg-serve` serving one model, once it is ready; its port and a queue of its stderr lines."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", f"--model-repository={repository}", f"--load-model={model}",
+         f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    errors: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [errors.put(line) for line in cli.stderr], daemon=True).start()
+    for line in cli.stdout:
+        if "Ctrl-C stops the server." in line:
+            return cli, http_port, errors
+    raise AssertionError("disagg-serve exited before it was ready")
+
+
+def next_launcher_line(errors: queue.Queue) -> str:
+    """The launcher's next own line on stderr (tritonserver logs there too)."""
+    while not (line := errors.get(timeout=120)).startswith("disagg-serve:"):
+        pass
+    return line
+
+
+def post(url: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def model_ready(http_port: int, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{http_port}/v2/models/{model}/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@pytest.mark.integration
+def test_bodies_that_crashed_triton_are_answered_and_a_crash_is_restarted(tmp_path):
+    """Triton 2.51 parses a form-encoded body on its thread's stack: 4.2 MB crashed it with 8 MiB
+    stacks. Now 8.4 MB is answered; 40 MB still crashes it, and the launcher starts it again."""
+    repository = write_model(tmp_path / "repo", "echo")
+    cli, http_port, errors = start_cli(repository, "echo")
+    url = f"http://localhost:{http_port}/v2/models/echo/infer"
+    form = "application/x-www-form-urlencoded"
+    try:
+        assert post(url, b"a" * 8_400_000, form) == 500  # Triton: "failed to parse the request JSON buffer"
+        assert model_ready(http_port, "echo")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            post(url, b"a" * 40_000_000, form)
+        restarted = [next_launcher_line(errors) for _ in range(2)]
+        assert "exited with status -11; restarting in 1 s (disagg_launcher_restarts_total 1)" in restarted[0]
+        assert "ready again (disagg_launcher_restarts_total 1)" in restarted[1]
+        assert model_ready(http_port, "echo")
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
             cli.wait()
     time.sleep(0.5)
     assert processes_mentioning(str(repository)) == []

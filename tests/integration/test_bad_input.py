@@ -25,7 +25,9 @@ from client.generate import GenerateError, GenerateRequest, generate_grpc, infer
 from kv_transfer import KVHandle, KVLayout
 from kv_transfer.layout import SharedPool
 from kv_transfer.liveness import ProcessIdentity
+from launcher.server import ADMIN_HEADER
 from python_backend_utils.serving.context_params import ContextPhaseParams
+from python_backend_utils.serving.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_BYTES, MAX_WORD_LIST_IDS, MAX_WORDS
 from tests.helpers import metric_values, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
@@ -123,6 +125,13 @@ ENSEMBLE_CASES = {
     "invalid-utf8-bad-word": ({"bad_words": text(b"\xc3")}, "bad_words is not valid UTF-8"),
     "empty-stop-word": ({"stop_words": text(b"")}, "stop_words holds an empty word"),
     "empty-bad-word": ({"bad_words": text(b"fine", b"")}, "bad_words holds an empty word"),
+    "too-many-stop-words": ({"stop_words": text(*[b"w"] * (MAX_WORDS + 1))}, f"stop_words holds {MAX_WORDS + 1} words"),
+    "bad-words-too-long": ({"bad_words": text(b"x" * (MAX_WORD_LIST_BYTES + 1))},
+                           f"bad_words holds {MAX_WORD_LIST_BYTES + 1} bytes, more than the"),
+    # sizes
+    "text-longer-than-the-window-holds": ({"text_input": text(b"a" * 1_000_000)},
+                                          "text_input has 1000000 bytes, more than fit in the model's context window"),
+    "missing-text-input": ({"text_input": None}, "text_input is required"),
     # types, shapes, names: Triton's own checks
     "wrong-dtype-max-tokens": ({"max_tokens": f32(8.0)}, "data-type is 'FP32', but model 'ensemble' expects 'INT32'"),
     "wrong-dtype-text": ({"text_input": i32(5)}, "input 'text_input' data-type is 'INT32', but model 'ensemble' expects 'BYTES'"),
@@ -166,6 +175,11 @@ WORKER_CASES = {
     "context-input-lengths-too-long": ("context", {"input_lengths": i32(99)}, "input_lengths is 99 but input_ids holds 20 tokens"),
     "aggregated-negative-input-lengths": ("aggregated", {"input_lengths": i32(-1)}, "input_lengths is -1"),
     "context-prompt-over-window": ("context", {"input_ids": np.full(20_000, 1000, np.int32)}, "the model's context window is"),
+    "generation-prompt-over-id-limit": ("generation", {"input_ids": np.full(MAX_PROMPT_IDS + 1, 1000, np.int32)},
+                                        f"input_ids holds {MAX_PROMPT_IDS + 1} token ids, more than the"),
+    "bls-word-list-over-id-limit": ("disaggregated_serving_bls",
+                                    {"bad_words_list": np.full((2, MAX_WORD_LIST_IDS + 1), -1, np.int32)},
+                                    f"bad_words_list holds {MAX_WORD_LIST_IDS + 1} ids, more than the"),
     "aggregated-stop-words-offset-outside": ("aggregated", {"stop_words_list": i32(1, 2, 5, -1).reshape(2, 2)},
                                              "stop_words_list has an offset 5 outside its 2 ids"),
     "aggregated-bad-word-outside-vocab": ("aggregated", {"bad_words_list": i32(HUGE_ID, 1).reshape(2, 1)},
@@ -323,12 +337,6 @@ def test_unknown_request_kinds_get_a_clear_error(triton_server, call, message):
     assert_still_serves(triton_server.urls.grpc)
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 checks how many inputs came, not which: with another input "
-                                       "present the ensemble never starts preprocessing and ends without a word")
-def test_missing_text_input_with_other_inputs_gets_an_error(triton_server):
-    error_of(triton_server.urls.grpc, "ensemble", ensemble_inputs(text_input=None))
-
-
 def test_prompt_longer_than_the_context_window(triton_server):
     arrays = GenerateRequest(" hello" * 9000, max_tokens=4).arrays()
     error = error_of(triton_server.urls.grpc, "ensemble", arrays)
@@ -343,6 +351,50 @@ def test_generate_endpoint_answers_bad_input_with_400(triton_server):
         urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60)
     assert raised.value.code == 400
     assert "top_p must be in (0, 1]" in json.loads(raised.value.read())["error"]
+
+
+def post_generate(server, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://{server.urls.http}/v2/models/ensemble/generate", data=body,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_generate_without_text_input_is_a_400(triton_server):
+    status, answer = post_generate(triton_server, json.dumps({"max_tokens": 4}).encode())
+    assert (status, answer["error"]) == (400, "in ensemble 'ensemble', text_input is required: send the prompt as text")
+
+
+def test_an_8_mb_form_encoded_body_is_refused_and_the_server_goes_on(triton_server):
+    """curl -d sends application/x-www-form-urlencoded, which Triton 2.51's HTTP library parses on
+    its thread's stack: this body crashed the whole server before the launcher raised the stack size."""
+    body = json.dumps({"text_input": "a" * 8_400_000, "max_tokens": 4}).encode()
+    status, answer = post_generate(triton_server, body, "application/x-www-form-urlencoded")
+    assert status == 400 and "text_input has 8400000 bytes, more than fit" in answer["error"]
+    assert_still_serves(triton_server.urls.grpc)
+
+
+def test_the_model_repository_api_refuses_clients_without_the_key(triton_server):
+    for path in ("models/ensemble/unload", "models/ensemble/load", "index"):
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(urllib.request.Request(f"http://{triton_server.urls.http}/v2/repository/{path}",
+                                                          data=b"{}"), timeout=30)
+        assert raised.value.code == 403, path
+    index = urllib.request.Request(f"http://{triton_server.urls.http}/v2/repository/index", data=b"{}",
+                                   headers={ADMIN_HEADER: triton_server.admin_key})
+    with urllib.request.urlopen(index, timeout=30) as response:  # the launcher's key opens it
+        assert {"name": "ensemble", "version": "1", "state": "READY"} in json.loads(response.read())
+    client = grpcclient.InferenceServerClient(triton_server.urls.grpc)
+    try:
+        with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+            client.unload_model("ensemble")
+        assert client.is_model_ready("ensemble")
+    finally:
+        client.close()
+    assert_still_serves(triton_server.urls.grpc)
 
 
 def test_client_reports_the_error(triton_server):

@@ -1,10 +1,22 @@
-"""Tokenize text_input; encode stop/bad words in TensorRT-LLM's word-list layout."""
+"""Tokenize text_input; encode stop/bad words in TensorRT-LLM's word-list layout.
+
+Sizes are checked before anything is decoded or tokenized (python_backend_utils/serving/input_limits.py):
+a text longer than can fit in the context window is refused at once.
+"""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.serving.input_limits import (
+    MAX_WORD_LIST_IDS,
+    PromptTextLimit,
+    check_size,
+    check_words,
+    context_window,
+)
+from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
 from python_backend_utils.serving.triton_io import (
     decode_text,
     encode_word_list,
@@ -16,9 +28,12 @@ from python_backend_utils.serving.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.tokenizer = load_tokenizer(model_parameters(args["model_config"]))
+        parameters = model_parameters(args["model_config"])
+        self.tokenizer = load_tokenizer(parameters)
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        window = context_window(resolve_model_dir(parameters.get("model_dir") or None))
+        self.text_limit = PromptTextLimit(window, longest_token_bytes(self.tokenizer))
 
     def execute(self, requests):
         responses = []
@@ -33,9 +48,12 @@ class TritonPythonModel:
         return responses
 
     def _preprocess(self, inputs):
-        text = decode_text(inputs["QUERY"].reshape(-1)[0], "text_input")
+        if "QUERY" not in inputs:  # optional in config.pbtxt only so that its absence reaches this error
+            raise InvalidRequestError("text_input is required: send the prompt as text")
+        raw = inputs["QUERY"].reshape(-1)[0]
+        self.text_limit.check(raw)
         # The tokenizer's own special-token rule: a BOS only where the checkpoint adds one.
-        input_ids = self.tokenizer.encode(text)
+        input_ids = self.tokenizer.encode(decode_text(raw, "text_input"))
         return {
             "INPUT_ID": np.asarray(input_ids, dtype=np.int32),
             "REQUEST_INPUT_LEN": np.asarray([len(input_ids)], dtype=np.int32),
@@ -46,5 +64,8 @@ class TritonPythonModel:
         }
 
     def _word_list(self, words, name):
-        texts = [] if words is None else [decode_text(word, name) for word in words.reshape(-1)]
-        return encode_word_list([self.tokenizer.encode(text, add_special_tokens=False) for text in texts])
+        raw = [] if words is None else list(words.reshape(-1))
+        check_words(raw, name)
+        ids = [self.tokenizer.encode(decode_text(word, name), add_special_tokens=False) for word in raw]
+        check_size(name, sum(len(word) for word in ids), MAX_WORD_LIST_IDS, "token ids")
+        return encode_word_list(ids)
