@@ -7,6 +7,7 @@ kernel does not cover) the model runs its torch path, which computes the same th
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 try:
     from python_backend_utils.engine import _cpu_kernels
@@ -30,10 +31,11 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, tables: torch.Tens
     batch, heads, head_dim = query.shape
     query = query.to(torch.float32).contiguous()
     out = torch.empty_like(query)
-    _cpu_kernels.decode_attention(
-        query.data_ptr(), pool.data_ptr(), pool.dtype == torch.bfloat16, tables.data_ptr(), lengths.data_ptr(),
-        out.data_ptr(), batch, heads, num_kv_heads, head_dim, block_size, layer, pool.shape[1], tables.shape[1],
-        head_dim ** -0.5)
+    with record_function("cpu_kernels::paged_attention"):  # named in profiles (benchmarks.profile_engine)
+        _cpu_kernels.decode_attention(
+            query.data_ptr(), pool.data_ptr(), pool.dtype == torch.bfloat16, tables.data_ptr(), lengths.data_ptr(),
+            out.data_ptr(), batch, heads, num_kv_heads, head_dim, block_size, layer, pool.shape[1], tables.shape[1],
+            head_dim ** -0.5)
     return out
 
 
@@ -45,8 +47,10 @@ def int8_linear_applies(weight: torch.Tensor) -> bool:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(x @ weight^T) * scale + bias: x fp32 [m, k] contiguous, weight int8 [n, k], scale and bias fp32 [n]."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _cpu_kernels.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                             out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
+    with record_function("cpu_kernels::int8_gemm"):
+        _cpu_kernels.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(),
+                                 0 if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
+                                 weight.shape[1])
     return out
 
 
@@ -59,6 +63,7 @@ def fp32_linear_applies(weight: torch.Tensor) -> bool:
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T + bias for fp32 x [m, k] contiguous, weight [n, k] contiguous, bias [n]."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _cpu_kernels.fp32_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                             out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
+    with record_function("cpu_kernels::skinny_gemm"):
+        _cpu_kernels.fp32_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                 out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
     return out
