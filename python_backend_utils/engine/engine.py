@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
 from python_backend_utils.engine.sequence import Role, Sequence, Status
 from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import CapacityError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,10 @@ class LLMEngine:
         ]
         try:
             logits = self.model.forward(chunks, self.pool)
-        except Exception:
-            self.block_manager.forget_hashes()
-            raise
+        except Exception as error:  # noqa: BLE001 - the step's requests fail, the others go on
+            logger.exception("engine step failed; failing its %d requests", len(scheduled))
+            self.block_manager.forget_hashes()  # what the step wrote is not trusted
+            return [self._fail(item.seq, error) for item in scheduled]
         sampling = [item for item in scheduled if item.completes]
         for item in scheduled:
             if item.seq.num_computed == item.seq.num_cached_tokens and item.seq.num_cached_tokens:
@@ -159,20 +163,34 @@ class LLMEngine:
         return self._sample_and_finish(sampling, logits) if sampling else []
 
     def _sample_and_finish(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        """One token for each sequence; a request whose own settings or processing fail ends alone."""
         seqs = [item.seq for item in sampling]
+        failed: dict[int, Exception] = {}
         if any(s.params.bad_words for s in seqs):
-            apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs])
+            for row in apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs]):
+                failed[row] = InvalidRequestError(
+                    f"bad_words ban every token of the vocabulary after {seqs[row].num_output_tokens} "
+                    "generated tokens: ban fewer words")
         tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
-        for seq, token, log_prob in zip(seqs, tokens.tolist(), log_probs.tolist()):
-            seq.token_ids.append(token)
-            seq.output_log_probs.append(log_prob)
-            reason = self._finish_reason(seq, token)
-            if reason is None and seq.role is not Role.CONTEXT_ONLY:
-                outputs.append(self._emit(seq, finished=False))
-            else:
-                outputs.append(self._finish(seq, reason))
+        for row, (seq, token, log_prob) in enumerate(zip(seqs, tokens.tolist(), log_probs.tolist())):
+            if row in failed:
+                outputs.append(self._fail(seq, failed[row]))
+                continue
+            try:
+                outputs.append(self._append(seq, token, log_prob))
+            except Exception as error:  # noqa: BLE001 - this request fails, its batch goes on
+                logger.exception("request %s failed after its step", seq.request_id)
+                outputs.append(self._fail(seq, error))
         return outputs
+
+    def _append(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.output_log_probs.append(log_prob)
+        reason = self._finish_reason(seq, token)
+        if reason is None and seq.role is not Role.CONTEXT_ONLY:
+            return self._emit(seq, finished=False)
+        return self._finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -212,6 +230,12 @@ class LLMEngine:
         seq.status = Status.FINISHED
         self._sequences.pop(seq.request_id, None)
         return output
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End one request with `error` (its blocks freed); the loop hands the error to its client."""
+        self.abort(seq.request_id)
+        return RequestOutput(seq.request_id, [], [], True, "error", num_prompt_tokens=seq.num_prompt_tokens,
+                             error=error)
 
     # ----------------------------------------------------------------- helpers
     def _admit(self, seq: Sequence) -> None:

@@ -152,6 +152,9 @@ class EngineLoop:
             return
         if output.finished:
             del self._subscribers[output.request_id]
+        if output.error is not None:
+            self._fail(subscriber, output.error)
+            return
         try:
             subscriber.on_output(output)
         except Exception as error:  # noqa: BLE001 - one bad callback must not stop the loop
