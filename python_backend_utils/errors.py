@@ -11,3 +11,7 @@ class CapacityError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was cancelled or its KV could not be obtained."""
+
+
+class EngineDeadError(RuntimeError):
+    """The instance's engine loop stopped: it takes no request until the instance is restarted."""
