@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.engine.sequence import Role
+from python_backend_utils.engine.sequence import Role, StartPull
 from python_backend_utils.errors import EngineDeadError, RequestAbortedError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class EngineLoop:
         prompt_ids: list[int],
         first_token: int,
         params: SamplingParams,
-        start_pull: Callable[[list[int]], Callable[[], bool]],
+        start_pull: StartPull,
         on_output: Callable[[RequestOutput], None],
         is_cancelled: Callable[[], bool] = lambda: False,
         on_error: Callable[[Exception], None] | None = None,

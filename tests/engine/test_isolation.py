@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -121,3 +122,53 @@ def test_the_loop_hands_a_request_its_own_error_and_serves_the_rest(tiny_dir, re
             assert tokens + output.token_ids == reference[request_id]
     finally:
         loop.stop()
+
+
+class WritingPull:
+    """A KV pull as the engine sees it: until its future is done, data may land in its blocks."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.future: Future = Future()
+        self.block_ids: list[int] = []
+        self.data = torch.Generator().manual_seed(0)  # another request's KV, as far as this one is concerned
+
+    def start(self, block_ids: list[int]) -> Future:
+        self.block_ids = block_ids
+        return self.future
+
+    def land(self) -> None:
+        """A receive completes: it writes its destination, whoever the engine gave it to since."""
+        if not self.future.done():
+            landing = self.engine.pool.tensor[self.block_ids]
+            self.engine.pool.tensor[self.block_ids] = torch.randn(landing.shape, generator=self.data) * 100
+
+
+@pytest.mark.parametrize("end", ["abort", "cancel-through-the-loop"])
+def test_blocks_of_an_ended_request_stay_out_of_reach_until_its_pull_is_done(tiny_dir, reference, end):
+    """Cancelling a request that waits for its KV once freed blocks its pull went on writing into,
+    under whichever request took them next."""
+    # 3 blocks for the ended request, 9 for its neighbours at their longest: they need the ended one's
+    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=10, block_size=4))
+    pull = WritingPull(engine)
+    engine.add_generation_request("waits", list(range(200, 211)), 7, greedy(), pull.start)
+    engine.step()
+    assert engine.stats().num_awaiting_kv == 1
+    held = engine.stats().num_blocks - engine.stats().num_free_blocks
+    if end == "abort":
+        engine.abort("waits")
+    else:
+        loop = EngineLoop(engine)
+        loop.stop_request("waits", "cancelled by the client")
+        loop._drain_commands(block=False)  # what the loop thread does between steps (the thread is not started)
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks - held  # held aside, not free
+    add_neighbours(engine)
+    outputs: dict[str, list] = {}
+    while len([o for results in outputs.values() for o in results if o.finished]) < len(PROMPTS):
+        pull.land()
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    assert_neighbours_untouched(outputs, reference)
+    pull.future.set_exception(ConnectionError("the context instance is gone"))
+    assert run_to_completion(engine) == {}  # nothing of the ended request is ever emitted
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
