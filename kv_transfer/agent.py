@@ -116,18 +116,23 @@ class TransferAgent:
         """Cancel a published request: released (reason "revoked") once no pull of it is in flight."""
         self._command(lambda: self._sender.end(request_id, ReleaseReason.REVOKED))
 
-    def pull(self, handles: KVHandle | Sequence[KVHandle], dest_block_ids: Sequence[int]) -> PullFuture:
+    def pull(self, handles: KVHandle | Sequence[KVHandle], dest_block_ids: Sequence[int],
+             timeout_s: float | None = None) -> PullFuture:
         """Start pulling a request's KV into `dest_block_ids` of this agent's pool; never blocks.
 
         Give one handle per sender agent holding part of the request (e.g. both ranks of a TP2
         context instance); handles that hold nothing this pool needs are ignored. Together they must
         cover this pool's layers and heads exactly. Raises LayoutMismatchError at once for handles
-        and destinations that cannot fit; every other failure ends up in the future.
+        and destinations that cannot fit; every other failure ends up in the future. A pull still
+        running `timeout_s` after this call fails with TransferTimeoutError. Whatever the outcome,
+        the future is done only once nothing writes the destination blocks any more.
         """
         self._check_open()
         if isinstance(handles, KVHandle):
             handles = [handles]
         pull = self._receiver.plan(list(handles), tuple(int(b) for b in dest_block_ids))
+        if timeout_s is not None:
+            pull.deadline = time.monotonic() + timeout_s
         self._command(lambda: self._receiver.start(pull))
         return pull.future
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class Pull:
     dest_block_ids: tuple[int, ...]
     num_tokens: int
     started: float
+    deadline: float = math.inf  # time.monotonic() past which the pull fails (see TransferAgent.pull)
 
 
 def message_limit(pool: LocalPool, handle: KVHandle) -> int:

@@ -142,6 +142,10 @@ class Receiver:
 
     def _advance_pull(self, pull: Pull, now: float) -> bool:
         worked = False
+        if now >= pull.deadline:
+            for sub in pull.subs:
+                self._fail_sub(sub, TransferTimeoutError(f"the pull of {sub.handle.request_id!r} from "
+                                                         f"{sub.handle.agent_name} is overdue"))
         for i, sub in enumerate(pull.subs):
             if sub.phase is Phase.WAITING and all(s.phase is Phase.DONE for s in pull.subs[:i]):
                 self._start_sub(sub, pull)

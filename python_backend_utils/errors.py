@@ -25,3 +25,7 @@ def client_error_message(message: str) -> str:
 
 def is_client_error_message(message: str) -> bool:
     return message.startswith(CLIENT_ERROR_PREFIX)
+
+
+class EngineDeadError(RuntimeError):
+    """The instance's engine loop stopped: it takes no request until the instance is restarted."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +18,11 @@ from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShap
 from python_backend_utils.engine.sampler import apply_bad_words, sample
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
-from python_backend_utils.engine.sequence import Role, Sequence, Status
+from python_backend_utils.engine.sequence import Role, Sequence, StartPull, Status
 from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import CapacityError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._sequences: dict[str, Sequence] = {}
+        # Blocks of requests that ended while a pull still wrote into them: freed once it is done.
+        self._pull_held: list[tuple[Future, list[int]]] = []
         self.last_step_num_tokens = 0
         self._prefix_hit_tokens = 0
 
@@ -74,13 +80,14 @@ class LLMEngine:
         prompt_ids: list[int],
         first_token: int,
         params: SamplingParams,
-        start_pull: Callable[[list[int]], Callable[[], bool]],
+        start_pull: StartPull,
     ) -> None:
         """Queue a request whose prompt KV comes from a context instance.
 
-        `start_pull(block_ids)` is called once this request has blocks; the poll it returns says
-        when the KV is in place (or raises, and then the prompt is recomputed here). The first
-        token was already produced by the context instance and is not emitted again.
+        `start_pull(block_ids)` is called once this request has blocks; the future it returns is
+        done when the KV is in place (or failed, and then the prompt is recomputed here). Until it
+        is done those blocks go to no other request, even if this one ends. The first token was
+        already produced by the context instance and is not emitted again.
         """
         seq = Sequence(
             request_id,
@@ -101,16 +108,18 @@ class LLMEngine:
             self.block_manager.free(seq.block_table)
 
     def abort(self, request_id: str) -> None:
-        seq = self._sequences.pop(request_id, None)
-        if seq is None:
+        """End a request and free its blocks; a held KV is left to release_kv (a peer may be reading it)."""
+        seq = self._sequences.get(request_id)
+        if seq is None or seq.status is Status.KV_HELD:
             return
+        del self._sequences[request_id]
         self.scheduler.remove(seq)
-        if seq.block_table:
-            self.block_manager.free(seq.block_table)
+        self._free_blocks(seq)
         seq.status = Status.FINISHED
 
     def has_unfinished(self) -> bool:
-        return any(s.status is not Status.KV_HELD for s in self._sequences.values())
+        """True while a request runs or waits, or a pull of an ended one still holds blocks."""
+        return bool(self._pull_held) or any(s.status is not Status.KV_HELD for s in self._sequences.values())
 
     def stats(self) -> EngineStats:
         held = sum(1 for s in self._sequences.values() if s.status is Status.KV_HELD)
@@ -129,6 +138,7 @@ class LLMEngine:
     # ----------------------------------------------------------------- the step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        self._free_finished_pulls()
         scheduled = self.scheduler.schedule()
         self.last_step_num_tokens = sum(item.num_tokens for item in scheduled)
         if not scheduled:
@@ -144,9 +154,10 @@ class LLMEngine:
         ]
         try:
             logits = self.model.forward(chunks, self.pool)
-        except Exception:
-            self.block_manager.forget_hashes()
-            raise
+        except Exception as error:  # noqa: BLE001 - the step's requests fail, the others go on
+            logger.exception("engine step failed; failing its %d requests", len(scheduled))
+            self.block_manager.forget_hashes()  # what the step wrote is not trusted
+            return [self._fail(item.seq, error) for item in scheduled]
         sampling = [item for item in scheduled if item.completes]
         for item in scheduled:
             if item.seq.num_computed == item.seq.num_cached_tokens and item.seq.num_cached_tokens:
@@ -159,24 +170,38 @@ class LLMEngine:
         return self._sample_and_finish(sampling, logits) if sampling else []
 
     def _sample_and_finish(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        """One token for each sequence; a request whose own settings or processing fail ends alone."""
         seqs = [item.seq for item in sampling]
+        failed: dict[int, Exception] = {}
         if any(s.params.bad_words for s in seqs):
-            apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs])
+            for row in apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs]):
+                failed[row] = InvalidRequestError(
+                    f"bad_words ban every token of the vocabulary after {seqs[row].num_output_tokens} "
+                    "generated tokens: ban fewer words")
         # min_tokens: the end id cannot be drawn until the answer is long enough.
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
                 logits[row, seq.params.end_id] = float("-inf")
         tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
-        for seq, token, log_prob in zip(seqs, tokens.tolist(), log_probs.tolist()):
-            seq.token_ids.append(token)
-            seq.output_log_probs.append(log_prob)
-            reason = self._finish_reason(seq, token)
-            if reason is None and seq.role is not Role.CONTEXT_ONLY:
-                outputs.append(self._emit(seq, finished=False))
-            else:
-                outputs.append(self._finish(seq, reason))
+        for row, (seq, token, log_prob) in enumerate(zip(seqs, tokens.tolist(), log_probs.tolist())):
+            if row in failed:
+                outputs.append(self._fail(seq, failed[row]))
+                continue
+            try:
+                outputs.append(self._append(seq, token, log_prob))
+            except Exception as error:  # noqa: BLE001 - this request fails, its batch goes on
+                logger.exception("request %s failed after its step", seq.request_id)
+                outputs.append(self._fail(seq, error))
         return outputs
+
+    def _append(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.output_log_probs.append(log_prob)
+        reason = self._finish_reason(seq, token)
+        if reason is None and seq.role is not Role.CONTEXT_ONLY:
+            return self._emit(seq, finished=False)
+        return self._finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -214,12 +239,34 @@ class LLMEngine:
             seq.status = Status.KV_HELD
             output.kv_block_ids = list(seq.block_table)
             return output
-        self.block_manager.free(seq.block_table)
+        self._free_blocks(seq)
         seq.status = Status.FINISHED
         self._sequences.pop(seq.request_id, None)
         return output
 
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End one request with `error` (its blocks freed); the loop hands the error to its client."""
+        self.abort(seq.request_id)
+        return RequestOutput(seq.request_id, [], [], True, "error", num_prompt_tokens=seq.num_prompt_tokens,
+                             error=error)
+
     # ----------------------------------------------------------------- helpers
+    def _free_blocks(self, seq: Sequence) -> None:
+        """Free a sequence's blocks, or hold them aside while its pull may still write into them."""
+        if seq.kv_pull is not None and not seq.kv_pull.done():
+            self._pull_held.append((seq.kv_pull, list(seq.block_table)))
+            seq.block_table.clear()
+        elif seq.block_table:
+            self.block_manager.free(seq.block_table)
+
+    def _free_finished_pulls(self) -> None:
+        held, self._pull_held = self._pull_held, []
+        for pull, block_table in held:
+            if pull.done():
+                self.block_manager.free(block_table)
+            else:
+                self._pull_held.append((pull, block_table))
+
     def _admit(self, seq: Sequence) -> None:
         if seq.request_id in self._sequences:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")

@@ -3,6 +3,10 @@
 The engine is not thread-safe: every call into it happens on the loop thread, between steps.
 Other threads hand work over as commands; outputs come back through per-request callbacks,
 which run on the loop thread (a Triton response sender may be used from any thread).
+
+Whatever one request or command raises fails that request or command only. Should the thread
+end anyway, every request it had is failed, new ones are refused and `on_death` is called: the
+instance never looks alive with nothing serving it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from dataclasses import dataclass
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.engine.sequence import Role
-from python_backend_utils.errors import RequestAbortedError
+from python_backend_utils.engine.sequence import Role, StartPull
+from python_backend_utils.errors import EngineDeadError, RequestAbortedError
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +42,14 @@ class _Subscriber:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_tick: Callable[[], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_tick: Callable[[], None] | None = None,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self._on_tick = on_tick
+        self._on_death = on_death
+        self.death: BaseException | None = None  # what ended the loop thread, if it ended unasked
+        self._lock = threading.Lock()  # guards `death` and `_admitting`
+        self._admitting: dict[int, _Subscriber] = {}  # submitted, not yet admitted by the loop thread
         self._next_tick = 0.0
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._subscribers: dict[str, _Subscriber] = {}
@@ -70,9 +79,8 @@ class EngineLoop:
 
         Invalid requests raise here, in the caller's thread."""
         params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
-        subscriber = _Subscriber(on_output, is_cancelled, on_error)
-        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_request(
-            request_id, prompt_ids, params, role)))
+        self._submit(request_id, _Subscriber(on_output, is_cancelled, on_error),
+                     lambda: self.engine.add_request(request_id, prompt_ids, params, role))
 
     def submit_generation(
         self,
@@ -80,16 +88,16 @@ class EngineLoop:
         prompt_ids: list[int],
         first_token: int,
         params: SamplingParams,
-        start_pull: Callable[[list[int]], Callable[[], bool]],
+        start_pull: StartPull,
         on_output: Callable[[RequestOutput], None],
         is_cancelled: Callable[[], bool] = lambda: False,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         """Queue a generation-only request (see LLMEngine.add_generation_request)."""
         params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
-        subscriber = _Subscriber(on_output, is_cancelled, on_error)
-        self.call_soon(lambda: self._admit(request_id, subscriber, lambda: self.engine.add_generation_request(
-            request_id, prompt_ids, first_token, params, start_pull)))
+        self._submit(request_id, _Subscriber(on_output, is_cancelled, on_error),
+                     lambda: self.engine.add_generation_request(
+                         request_id, prompt_ids, first_token, params, start_pull))
 
     def stop_request(self, request_id: str, reason: str) -> None:
         """Abort a request from any thread; its subscriber gets RequestAbortedError(reason)."""
@@ -99,7 +107,16 @@ class EngineLoop:
         """Run `command` on the loop thread before the next step (the only safe way to touch the engine)."""
         self._commands.put(command)
 
+    def _submit(self, request_id: str, subscriber: _Subscriber, add: Callable[[], None]) -> None:
+        with self._lock:
+            if self.death is not None:
+                raise EngineDeadError(f"this instance's engine loop stopped ({self.death!r}); it is restarting")
+            self._admitting[id(subscriber)] = subscriber
+        self.call_soon(lambda: self._admit(request_id, subscriber, add))
+
     def _admit(self, request_id: str, subscriber: _Subscriber, add: Callable[[], None]) -> None:
+        with self._lock:
+            del self._admitting[id(subscriber)]
         try:
             add()
         except Exception as error:  # noqa: BLE001 - the request fails, the loop goes on
@@ -108,33 +125,52 @@ class EngineLoop:
         self._subscribers[request_id] = subscriber
 
     def _abort(self, request_id: str, reason: str) -> None:
+        # The final flag still has to go out, or Triton waits on the request at unload.
+        self._end(request_id, RequestAbortedError(reason))
+
+    def _end(self, request_id: str, error: Exception) -> None:
+        """Drop one request from the engine and tell its client why."""
         self.engine.abort(request_id)
         subscriber = self._subscribers.pop(request_id, None)
         if subscriber is not None:
-            # The final flag still has to go out, or Triton waits on the request at unload.
-            self._fail(subscriber, RequestAbortedError(reason))
+            self._fail(subscriber, error)
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._tick()
-            idle = not self.engine.has_unfinished()
-            self._drain_commands(block=idle, timeout=_TICK_INTERVAL_S if idle and self._on_tick else None)
-            self._drop_cancelled()
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as error:  # noqa: BLE001 - fail the batch, keep serving
-                logger.exception("engine step failed; failing its requests")
-                for request_id, subscriber in list(self._subscribers.items()):
-                    self.engine.abort(request_id)
-                    self._fail(subscriber, error)
-                self._subscribers.clear()
-                continue
-            for output in outputs:
-                self._deliver(output)
-            if self.engine.last_step_num_tokens == 0:
-                self._drain_commands(block=True, timeout=_KV_POLL_INTERVAL_S)
+        try:
+            while not self._stopping:
+                try:
+                    self._iterate()
+                except Exception as error:  # noqa: BLE001 - an engine bug: fail what is in flight, keep serving
+                    logger.exception("engine loop iteration failed; failing every request in flight")
+                    for request_id in list(self._subscribers):
+                        self._end(request_id, error)
+        except BaseException as error:  # noqa: BLE001 - logged with its traceback in _die, the thread ends
+            self._die(error)
+
+    def _iterate(self) -> None:
+        self._tick()
+        idle = not self.engine.has_unfinished()
+        self._drain_commands(block=idle, timeout=_TICK_INTERVAL_S if idle and self._on_tick else None)
+        self._drop_cancelled()
+        if not self.engine.has_unfinished():
+            return
+        for output in self.engine.step():
+            self._deliver(output)
+        if self.engine.last_step_num_tokens == 0:
+            self._drain_commands(block=True, timeout=_KV_POLL_INTERVAL_S)
+
+    def _die(self, error: BaseException) -> None:
+        """The thread is ending unasked: fail every request it had, refuse new ones, report it."""
+        logger.critical("the engine loop died; failing its requests", exc_info=error)
+        with self._lock:
+            self.death = error
+            admitting, self._admitting = list(self._admitting.values()), {}
+        dead = EngineDeadError(f"this instance's engine loop stopped ({error!r}); it is restarting")
+        for subscriber in [*self._subscribers.values(), *admitting]:
+            self._fail(subscriber, dead)
+        self._subscribers.clear()
+        if self._on_death is not None:
+            self._on_death(error)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -152,6 +188,9 @@ class EngineLoop:
             return
         if output.finished:
             del self._subscribers[output.request_id]
+        if output.error is not None:
+            self._fail(subscriber, output.error)
+            return
         try:
             subscriber.on_output(output)
         except Exception as error:  # noqa: BLE001 - one bad callback must not stop the loop
@@ -166,7 +205,13 @@ class EngineLoop:
             return
         self._next_cancel_poll = now + _CANCEL_POLL_INTERVAL_S
         for request_id, subscriber in list(self._subscribers.items()):
-            if subscriber.is_cancelled():
+            try:
+                cancelled = subscriber.is_cancelled()
+            except Exception as error:  # noqa: BLE001 - a request that cannot be asked about ends alone
+                logger.exception("asking whether %s was cancelled failed; ending it", request_id)
+                self._end(request_id, error)
+                continue
+            if cancelled:
                 self._abort(request_id, f"request {request_id} was cancelled by the client")
 
     def _drain_commands(self, block: bool, timeout: float | None = None) -> None:
@@ -175,7 +220,10 @@ class EngineLoop:
         except queue.Empty:
             return
         while command is not None:
-            command()
+            try:
+                command()
+            except Exception:  # noqa: BLE001 - one failed command must not end the loop
+                logger.exception("engine loop command failed")
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

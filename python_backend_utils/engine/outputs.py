@@ -11,7 +11,8 @@ class RequestOutput:
     token_ids: list[int]  # produced since the last output for this request
     log_probs: list[float]  # same length, filled when the request asked for them
     finished: bool
-    finish_reason: str | None  # "length" | "stop" | "abort" | None (context-only: KV held for a pull)
+    finish_reason: str | None  # "length" | "stop" | "error" | None (context-only: KV held for a pull)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_block_ids: list[int] | None = None  # context-only: the blocks holding the prompt's KV
+    error: Exception | None = None  # finish_reason "error": why this request (and only it) failed

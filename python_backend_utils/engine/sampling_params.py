@@ -9,10 +9,14 @@ from dataclasses import dataclass
 
 from python_backend_utils.errors import InvalidRequestError
 
+# Temperatures below this are greedy: logits/T would overflow, and the draw is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request asks of decoding. temperature 0 (the default) or top_k 1 means greedy."""
+    """What a request asks of decoding. temperature 0 (the default; anything below
+    GREEDY_TEMPERATURE) or top_k 1 means greedy."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -29,7 +33,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def validate(self, prompt_len: int, max_model_len: int, vocab_size: int) -> None:
         if prompt_len <= 0:

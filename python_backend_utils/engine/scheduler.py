@@ -8,6 +8,7 @@ waits for the batch to drain. A prompt longer than the budget is prefilled in ch
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from python_backend_utils.engine.block_manager import BlockManager
@@ -69,7 +70,7 @@ class Scheduler:
             seq.block_table, seq.num_cached_tokens = self.block_manager.allocate(seq.token_ids, reuse_prefix=reuse)
             seq.num_computed = seq.num_cached_tokens
             if seq.start_pull is not None:
-                seq.kv_ready, seq.start_pull = seq.start_pull(list(seq.block_table)), None
+                seq.kv_pull, seq.start_pull = self._start_pull(seq), None
                 seq.status = Status.AWAITING_KV
                 self.awaiting_kv.append(seq)
                 continue
@@ -83,23 +84,29 @@ class Scheduler:
     def _active(self) -> int:
         return len(self.running) + len(self.awaiting_kv)
 
+    @staticmethod
+    def _start_pull(seq: Sequence) -> Future:
+        try:
+            return seq.start_pull(list(seq.block_table))
+        except Exception as error:  # noqa: BLE001 - no pull started: the prompt is recomputed here
+            failed: Future = Future()
+            failed.set_exception(error)
+            return failed
+
     def _collect_arrived_kv(self) -> None:
         for seq in list(self.awaiting_kv):
-            try:
-                arrived = seq.kv_ready()
-            except Exception:  # noqa: BLE001 - whatever broke the pull, the prompt is recomputed
-                # The pull failed: recompute the prompt here. The first token is kept, so the
-                # sequence continues exactly where the context instance left it.
+            if not seq.kv_pull.done():
+                continue
+            if seq.kv_pull.exception() is None:  # the pulled KV covers the prompt: only the first token's is left
+                seq.num_computed = seq.num_prompt_tokens
+            else:
+                # Whatever broke the pull, the prompt is recomputed here. The first token is kept,
+                # so the sequence continues exactly where the context instance left it.
                 seq.num_computed = 0
                 self.stats.kv_pull_fallbacks += 1
-                arrived = True
-            else:
-                if arrived:  # the pulled KV covers the prompt: only the first token's is left to compute
-                    seq.num_computed = seq.num_prompt_tokens
-            if arrived:
-                self.awaiting_kv.remove(seq)
-                seq.status = Status.RUNNING
-                self.running.append(seq)
+            self.awaiting_kv.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
 
     def _make_room(self, seq: Sequence) -> bool:
         """Get a slot for seq's next token, preempting the newest sequences if blocks run out.

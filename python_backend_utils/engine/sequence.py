@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from python_backend_utils.engine.sampling_params import SamplingParams
+
+# Generation-only: called with the block table once blocks are allocated; the future it returns
+# is done once nothing writes those blocks any more: with a result when the KV is in place, with
+# an exception when the pull failed (the prompt is then recomputed here, as when it raises).
+StartPull = Callable[[list[int]], Future]
 
 
 class Role(enum.Enum):
@@ -48,10 +54,8 @@ class Sequence:
     block_hash_chain: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     output_log_probs: list[float] = field(default_factory=list)
-    # Generation-only: called with the block table once blocks are allocated, returns the poll below.
-    start_pull: Callable[[list[int]], Callable[[], bool]] | None = None
-    # Polled between steps: True when the pulled KV is in place; raises if the pull failed.
-    kv_ready: Callable[[], bool] | None = None
+    start_pull: StartPull | None = None
+    kv_pull: Future | None = None  # what start_pull returned, polled between steps
     finish_reason: str | None = None
     num_emitted: int = 0
 

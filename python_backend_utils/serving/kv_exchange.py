@@ -7,8 +7,8 @@ layout and handles. Settings come from the model's config.pbtxt parameters (`kv_
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 
 import torch
 
@@ -18,10 +18,10 @@ from kv_transfer import (
     MalformedMessageError,
     TransferAgent,
     TransferConfig,
-    TransferTimeoutError,
     allocate_kv_pool,
 )
 from python_backend_utils.engine.paged_causal_lm import ModelShape
+from python_backend_utils.engine.sequence import StartPull
 from python_backend_utils.environment import KV_ENV_PREFIX
 from python_backend_utils.serving.context_params import ContextPhaseParams, MalformedContextParamsError
 
@@ -92,8 +92,12 @@ class KVExchange:
     def revoke(self, request_id: str) -> None:
         self.agent.revoke(request_id)
 
-    def pull_starter(self, handoff: ContextPhaseParams) -> Callable[[list[int]], Callable[[], bool]]:
-        """For LLMEngine.add_generation_request: start the pull once blocks exist, then poll it."""
+    def pull_starter(self, handoff: ContextPhaseParams) -> StartPull:
+        """For LLMEngine.add_generation_request: start the pull once blocks exist.
+
+        The pull is bounded as a whole (a sender that trickles data is given up on) by the agent,
+        which ends it only once nothing writes the blocks: the engine then recomputes the prompt
+        into them, or gives them to another request, safely."""
         try:
             handle = KVHandle.from_bytes(handoff.kv_handle)
         except MalformedMessageError as error:  # authentic but unreadable: another kv_transfer version
@@ -101,26 +105,9 @@ class KVExchange:
                                               f"cannot read ({error})") from None
         needed = self.layout.blocks_for(handoff.num_prompt_tokens)
 
-        def start(block_ids: list[int]) -> Callable[[], bool]:
-            deadline = time.monotonic() + self.config.response_timeout_s + self.config.transfer_timeout_s
-            try:
-                future = self.agent.pull(handle, block_ids[:needed])
-            except Exception as error:  # noqa: BLE001 - e.g. layouts that cannot convert: recompute here
-
-                def failed(error: Exception = error) -> bool:  # bound now: `error` is unset after the except
-                    raise error
-
-                return failed
-
-            def ready() -> bool:
-                if not future.done():
-                    if time.monotonic() > deadline:  # never wait on a peer forever: recompute here
-                        raise TransferTimeoutError(f"KV pull from {handle.agent_name} is overdue")
-                    return False
-                future.result()  # raises the pull's error: the engine then recomputes the prompt
-                return True
-
-            return ready
+        def start(block_ids: list[int]) -> Future:  # raises e.g. for layouts that cannot convert: recomputed
+            return self.agent.pull(handle, block_ids[:needed],
+                                   timeout_s=self.config.response_timeout_s + self.config.transfer_timeout_s)
 
         return start
 

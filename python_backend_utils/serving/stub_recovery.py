@@ -24,8 +24,22 @@ logger = logging.getLogger(__name__)
 DEAD_STUB_MESSAGE = "is not healthy"
 
 
+# The exit status of a stub that ends itself because its engine loop died (EX_SOFTWARE).
+ENGINE_DEAD_EXIT_STATUS = 70
+# How long a stub whose engine loop died lives on, so that the error responses of its requests leave first.
+ENGINE_DEAD_GRACE_S = 1.0
+
+
 def is_dead_stub_error(message: str) -> bool:
     return DEAD_STUB_MESSAGE in message
+
+
+def exit_stub(error: BaseException, grace_s: float = ENGINE_DEAD_GRACE_S) -> None:
+    """An engine model's `on_death`: the stub exits, so the orchestrator sees a dead stub and
+    reloads the instance (StubRecovery). Alive with a dead engine loop, Triton would report the
+    model ready and StubWatch the stub running, while nothing served it."""
+    logger.critical("the engine loop died (%r): this stub exits in %g s so that it is reloaded", error, grace_s)
+    threading.Timer(grace_s, os._exit, args=(ENGINE_DEAD_EXIT_STATUS,)).start()
 
 
 def stub_pids(repository: Path, model_name: str, version: int, proc: Path = Path("/proc")) -> list[int]:

@@ -10,7 +10,9 @@ Like TensorRT-LLM's tensorrt_llm model, what a request gets depends on what it c
   (messages.py), before anything in them is used.
 A request with `stop` set aborts the in-flight request of the same Triton request id.
 
-`execute` only validates and enqueues; the engine loop thread sends every response.
+`execute` only validates and enqueues; the engine loop thread sends every response. Should that
+thread die, its requests fail, `execute` refuses new ones and the stub exits so that the
+orchestrator reloads the instance (stub_recovery.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from python_backend_utils.serving.context_params import (
 from python_backend_utils.serving.metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
 from python_backend_utils.serving.placement import pin_instance
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
+from python_backend_utils.serving.stub_recovery import exit_stub
 from python_backend_utils.serving.triton_io import (
     ResponseAssembler,
     generation_request,
@@ -96,7 +99,7 @@ class LLMModel:
         descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
                         **(PARAMS_METRICS if self.role == "generation" else {})}
         self.gauges = GaugeSet("disagg", descriptions, labels)
-        self.loop = EngineLoop(engine, on_tick=self._publish_metrics)
+        self.loop = EngineLoop(engine, on_tick=self._publish_metrics, on_death=exit_stub)
         self.loop.start()
         self._by_triton_id: dict[str, str] = {}  # Triton request id -> engine request id, for `stop`
         self._ids_lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -173,7 +174,9 @@ def test_context_then_generation_equals_aggregated(tiny_dir, tiny_reference):
 
     def start_pull(block_ids):
         _copy_blocks(context, handoff.kv_block_ids, generation, block_ids)
-        return lambda: True
+        arrived = Future()
+        arrived.set_result(None)
+        return arrived
 
     with_log_probs = dataclasses.replace(greedy(9), return_log_probs=True)
     generation.add_generation_request("req", prompt, handoff.token_ids[0], with_log_probs, start_pull)
@@ -195,10 +198,9 @@ def test_failed_pull_falls_back_to_local_prefill(tiny_dir, tiny_reference):
     prompt = list(range(70, 83))
     first = reference_greedy(tiny_reference, prompt, 1)[0]
 
-    def failing_poll():
-        raise ConnectionError("context instance died")
-
-    engine.add_generation_request("req", prompt, first, greedy(6), lambda blocks: failing_poll)
+    failed = Future()
+    failed.set_exception(ConnectionError("context instance died"))
+    engine.add_generation_request("req", prompt, first, greedy(6), lambda blocks: failed)
     outputs = run_to_completion(engine)
     assert [first] + tokens_of(outputs["req"]) == reference_greedy(tiny_reference, prompt, 6)
     assert engine.stats().kv_pull_fallbacks == 1
@@ -206,14 +208,15 @@ def test_failed_pull_falls_back_to_local_prefill(tiny_dir, tiny_reference):
 
 def test_generation_waits_for_kv_while_others_decode(tiny_dir, tiny_reference):
     engine = tiny_engine(tiny_dir)
-    arrived = {"ready": False}
+    pull = Future()
     engine.add_request("busy", [1, 2, 3], greedy(6))
-    engine.add_generation_request("late", [4, 5, 6], 7, greedy(3), lambda blocks: lambda: arrived["ready"])
+    engine.add_generation_request("late", [4, 5, 6], 7, greedy(3), lambda blocks: pull)
     for _ in range(3):
         produced = {o.request_id for o in engine.step()}
         assert produced == {"busy"}
     assert engine.stats().num_awaiting_kv == 1
     engine.abort("late")
+    pull.set_result(None)  # the blocks of an ended request come back once its pull is done
     run_to_completion(engine)
 
 

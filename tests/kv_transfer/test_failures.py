@@ -109,6 +109,28 @@ def test_receiver_killed_mid_transfer_frees_the_sender(shared):
         assert sender.metrics.snapshot()["pinned_requests"] == 0
 
 
+# the same-host read is fast: overdue while it copies; through UCX, while messages arrive
+@pytest.mark.parametrize("shared,timeout_s", [(True, 0.02), (False, 0.05)], ids=["shared-memory", "ucx"])
+def test_an_overdue_pull_ends_only_once_nothing_writes_its_blocks(shared, timeout_s):
+    """The whole pull is bounded by the agent, and its future is done only when its destination is
+    no longer written: the engine recomputes into those blocks, or hands them on, right after."""
+    with Peer() as peer:
+        peer.call("create_agent", "ctx", BIG.to_dict(), BIG_BLOCKS, 1, {"name": "ctx"})
+        handle = KVHandle.from_bytes(peer.call("publish", "ctx", "req", list(range(BIG_BLOCKS)), BIG_BLOCKS * 16))
+        with agent_for(SLOW_RECEIVER["layout"], BIG_BLOCKS, name="gen", use_shared_memory=shared,
+                       **SLOW_RECEIVER["config"]) as agent:
+            started = time.monotonic()
+            future = agent.pull(handle, list(range(BIG_BLOCKS)), timeout_s=timeout_s)
+            with pytest.raises(TransferTimeoutError, match="overdue"):
+                future.result(timeout=10)
+            assert time.monotonic() - started < 5.0
+            assert_clean(agent)
+            landed = agent._pool.clone()
+            time.sleep(0.5)
+            assert torch.equal(agent._pool, landed)
+            assert agent.metrics.snapshot()["pulls_failed"] == 1
+
+
 def test_sender_gone_before_the_pull_is_unreachable():
     with Peer() as peer:
         peer.call("create_agent", "ctx", SMALL.to_dict(), 8, 1, {"name": "ctx"})

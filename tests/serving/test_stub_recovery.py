@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
-from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch, is_dead_stub_error, stub_pids
+from python_backend_utils.serving.stub_recovery import (
+    ENGINE_DEAD_EXIT_STATUS,
+    StubRecovery,
+    StubWatch,
+    is_dead_stub_error,
+    stub_pids,
+)
+from tests.engine.checkpoints import build_tiny_checkpoint
 from tests.helpers import wait_until
 
 
@@ -116,3 +125,31 @@ def test_the_watch_sees_a_stub_die_and_its_replacement_start(tmp_path):
     fake_process(proc, 20, stub)  # the replacement
     assert watch.running("generation", 1)
     assert not watch.running("context", 1)
+
+
+DYING_ENGINE = """
+import sys, time
+from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.engine import LLMEngine
+from python_backend_utils.engine.loop import EngineLoop
+from python_backend_utils.serving.stub_recovery import exit_stub
+
+loop = EngineLoop(LLMEngine(EngineConfig(model_dir=sys.argv[1], num_kv_blocks=16, block_size=16)), on_death=exit_stub)
+loop.start()
+
+def end_the_thread():
+    raise SystemExit("what no `except Exception` catches")
+
+loop.call_soon(end_the_thread)
+time.sleep(60)
+print("still alive with a dead engine loop")
+"""
+
+
+def test_a_stub_whose_engine_loop_died_exits_so_that_it_is_reloaded(tmp_path):
+    checkpoint = build_tiny_checkpoint("llama", tmp_path / "tiny")
+    ended = subprocess.run([sys.executable, "-c", DYING_ENGINE, str(checkpoint)], capture_output=True, text=True,
+                           timeout=60)
+    assert ended.returncode == ENGINE_DEAD_EXIT_STATUS, ended.stderr
+    assert "still alive" not in ended.stdout
+    assert "the engine loop died" in ended.stderr
