@@ -100,6 +100,11 @@ def banner(server: TritonServer, ensemble: str, frontend: OpenAIFrontend | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["validate-simulator"]:  # the planner's check, not a server: see planner/validate.py
+        from planner import validate
+
+        return validate.main(argv[1:])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository
