@@ -115,9 +115,8 @@ class _Worker:
         return sum(self.in_flight.values()) if by_tokens else len(self.in_flight)
 
     def add(self, seq: _Sequence) -> None:
-        """Queue seq; the next step starts after every other arrival of this instant has queued too."""
         self.waiting.append(seq)
-        self.clock.at(self.clock.now, self.kick)
+        self.kick()
 
     def kick(self) -> None:
         if not self.busy:
