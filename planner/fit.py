@@ -6,8 +6,9 @@ Only the quietest evidence for each term is used, so the rest of the runs are ou
 - prefill: TTFT of aggregated requests that met an idle worker (concurrency-1 runs, and the
   fastest request of each prompt length in the open-loop runs): TTFT = overhead + prefill(ISL);
 - batch-1 decode: the median ITL of each concurrency-1 run against the mean context it decoded at;
-- decode at larger batches: every ITL of the disaggregated concurrency sweeps, whose single
-  generation worker decodes exactly the requests the client saw decoding at that moment;
+- decode at larger batches: the TPOT of each request of the disaggregated concurrency sweeps
+  against the mean batch its single generation worker decoded meanwhile (one slope per extra
+  sequence, through the batch-1 point);
 - KV transfer: the first ITL of a disaggregated concurrency-1 request (pull, then one decode step)
   less a decode step, against prompt length;
 - the orchestrator's share: disaggregated concurrency-1 TTFT less aggregated, same prompt length.
@@ -16,6 +17,7 @@ Only the quietest evidence for each term is used, so the rest of the runs are ou
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -45,13 +47,23 @@ def is_aggregated(run: RunResult) -> bool:
     return run.config.model == "ensemble_aggregated"
 
 
-def token_times(run: RunResult) -> dict[int, list[float]]:
-    """Each request's token arrival times, from the start of the measured phase."""
-    times = {}
-    for request in run.requests:
-        if request.ttft_s is not None:
-            times[request.index] = list(request.start_s + request.ttft_s + np.cumsum([0.0, *request.itl_s]))
-    return times
+def decode_windows(run: RunResult, samples: int = 200) -> list[tuple[float, float, float]]:
+    """(mean batch, mean context tokens in the batch, TPOT) over each request's decode on the one
+    generation worker. Tokens reach the client in bursts there (many ITLs are 0), so each request
+    is taken as progressing evenly from its first token to its last."""
+    decoding = [r for r in run.requests if r.tpot_s is not None]
+    windows = [(r.start_s + r.ttft_s, r.start_s + r.e2e_s, r.input_tokens, r.output_tokens) for r in decoding]
+    result = []
+    for request, (first, last, _, _) in zip(decoding, windows):
+        batch = context = 0.0
+        for k in range(samples):
+            moment = first + (last - first) * (k + 0.5) / samples
+            for other_first, other_last, prompt, outputs in windows:
+                if other_first <= moment < other_last:
+                    batch += 1
+                    context += prompt + (outputs - 1) * (moment - other_first) / (other_last - other_first)
+        result.append((batch / samples, context / samples, request.tpot_s))
+    return result
 
 
 def fit(runs: dict[Path, RunResult], source: str, command: str) -> Calibration:
@@ -75,22 +87,15 @@ def fit(runs: dict[Path, RunResult], source: str, command: str) -> Calibration:
     per_context, batch1 = np.polyfit(contexts, medians, 1)
     per_context = max(float(per_context), 0.0)
 
-    bases: dict[int, list[float]] = defaultdict(list)
+    batches, excess = [], []  # per request: mean batch it decoded in, its TPOT less batch 1's at its context
     for run in runs.values():
-        if is_aggregated(run) or run.config.concurrency is None:
-            continue
-        times = token_times(run)
-        lengths_of = {r.index: r.input_tokens for r in run.requests}
-        for own in times.values():
-            for earlier, later in zip(own[1:], own[2:]):  # the first gap holds the KV pull
-                middle = (earlier + later) / 2
-                active = [(j, sum(1 for t in other if t <= middle)) for j, other in times.items()
-                          if other[0] < middle < other[-1]]
-                context = sum(lengths_of[j] + emitted for j, emitted in active)
-                bases[len(active)].append(later - earlier - per_context * context)
-    sizes = sorted(size for size in bases if size >= 1)
-    base = {size: statistics.median(bases[size]) for size in sizes}
-    base[1] = float(batch1)
+        if not is_aggregated(run) and run.config.concurrency is not None:
+            for batch, context, tpot in decode_windows(run):
+                batches.append(batch)
+                excess.append(tpot - per_context * context - batch1)
+    weights = [(batch - 1) ** 2 for batch in batches]
+    per_extra_sequence = (sum(e * (b - 1) for e, b in zip(excess, batches)) / sum(weights)) if sum(weights) else 0.0
+    largest = max(2, math.ceil(max(batches, default=1)))
 
     pulls: dict[int, list[float]] = defaultdict(list)
     extra_ttft: list[float] = []
@@ -117,8 +122,8 @@ def fit(runs: dict[Path, RunResult], source: str, command: str) -> Calibration:
         prefill_fixed_s=0.0,
         prefill_per_token_s=float(linear),
         prefill_per_token_squared_s=float(quadratic),
-        decode_batch_sizes=tuple(sizes) if sizes else (1,),
-        decode_base_s=tuple(base[size] for size in sizes) if sizes else (float(batch1),),
+        decode_batch_sizes=(1, largest),
+        decode_base_s=(float(batch1), float(batch1 + per_extra_sequence * (largest - 1))),
         decode_per_context_token_s=per_context,
         kv_bytes_per_token=DEFAULT_KV_BYTES_PER_TOKEN,
         kv_transfer_latency_s=max(float(latency), 0.0),
