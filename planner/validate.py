@@ -7,7 +7,8 @@ Each run is replayed with its own requests (prompt and output lengths, in sendin
 own load (the concurrency, or the recorded send times of the open-loop runs) and its own
 deployment (N aggregated workers, or the presets' C context + G generation). The last line is a
 JSON object with the median relative errors over the runs: p50 (TTFT and TPOT), p99 (TTFT and
-TPOT) and output throughput.
+TPOT) and output throughput. With --out-dir, each predicted run is written as a run result, so
+`python -m client.benchmark plot` and client.results tables take it like a measured one.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from client.metrics import RunSummary, Slo, summarize
+from client.metrics import RunSummary, summarize
 from client.results import RunResult
 from planner.calibration import Calibration
 from planner.fit import is_aggregated, load_measured_runs
@@ -59,10 +60,12 @@ def workload_of(run: RunResult) -> Workload:
     return Workload(simulated, arrivals_s=tuple(r.start_s for r in requests))
 
 
-def replay(run: RunResult, calibration: Calibration) -> RunSummary:
+def replay(run: RunResult, calibration: Calibration) -> RunResult:
+    """The run as the simulator predicts it, in the shape client.results tabulates and plots."""
     measurements = simulate(calibration, deployment_of(run), workload_of(run))
     duration = max(m.start_s + m.e2e_s for m in measurements)
-    return summarize(measurements, duration, run.config.workers, Slo())
+    config = replace(run.config, label=f"simulated {run.config.label}", url="simulator")
+    return RunResult(config, summarize(measurements, duration, run.config.workers, run.summary.slo), measurements)
 
 
 def metrics(summary: RunSummary) -> dict[str, float]:
@@ -73,9 +76,16 @@ def metrics(summary: RunSummary) -> dict[str, float]:
     return values
 
 
-def compare(runs: dict[Path, RunResult], calibration: Calibration, root: Path) -> list[Comparison]:
-    return [Comparison(str(path.relative_to(root).with_suffix("")), metrics(run.summary),
-                       metrics(replay(run, calibration))) for path, run in runs.items()]
+def compare(runs: dict[Path, RunResult], calibration: Calibration, root: Path,
+            out_dir: Path | None = None) -> list[Comparison]:
+    comparisons = []
+    for path, run in runs.items():
+        name = path.relative_to(root).with_suffix("")
+        predicted = replay(run, calibration)
+        if out_dir is not None:
+            predicted.save(out_dir / name.with_suffix(".json"))
+        comparisons.append(Comparison(str(name), metrics(run.summary), metrics(predicted.summary)))
+    return comparisons
 
 
 def median_error(comparisons: list[Comparison], names: tuple[str, ...]) -> float:
@@ -105,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="measured runs, searched recursively")
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
+    parser.add_argument("--out-dir", type=Path, help="also write each predicted run there, as a run result JSON")
     args = parser.parse_args(argv)
     runs = load_measured_runs(args.results)
     if not runs:
         parser.error(f"no run results under {args.results}")
-    comparisons = compare(runs, Calibration.load(args.calibration), args.results)
+    comparisons = compare(runs, Calibration.load(args.calibration), args.results, args.out_dir)
     print("TTFT in s, TPOT in ms, output throughput in tok/s; (relative error)")
     print(table(comparisons))
     print(json.dumps({
