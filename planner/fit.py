@@ -47,6 +47,14 @@ def is_aggregated(run: RunResult) -> bool:
     return run.config.model == "ensemble_aggregated"
 
 
+def fit_prefill(lengths: list[int], seconds: list[float]) -> tuple[float, float, float]:
+    """(per token squared, per token, fixed) of a prefill's time against its prompt length."""
+    quadratic, linear, intercept = np.polyfit(lengths, seconds, 2) if len(lengths) > 2 else (-1.0, 0.0, 0.0)
+    if quadratic < 0:  # too few lengths, or attention's cost hidden in the noise: linear in tokens
+        quadratic, (linear, intercept) = 0.0, np.polyfit(lengths, seconds, 1)
+    return float(quadratic), float(linear), float(intercept)
+
+
 def decode_windows(run: RunResult, samples: int = 200) -> list[tuple[float, float, float]]:
     """(mean batch, mean context tokens in the batch, TPOT) over each request's decode on the one
     generation worker. Tokens reach the client in bursts there (many ITLs are 0), so each request
@@ -78,9 +86,7 @@ def fit(runs: dict[Path, RunResult], source: str, command: str) -> Calibration:
                     ttfts_by_length[request.input_tokens].append(request.ttft_s)
     lengths = sorted(set(idle_ttfts) | set(open_loop_ttfts))
     ttfts = [statistics.median(idle_ttfts[n]) if n in idle_ttfts else min(open_loop_ttfts[n]) for n in lengths]
-    quadratic, linear, intercept = np.polyfit(lengths, ttfts, 2) if len(lengths) > 2 else (-1.0, 0.0, 0.0)
-    if quadratic < 0:  # too few lengths, or attention's cost hidden in the noise: linear in tokens
-        quadratic, (linear, intercept) = 0.0, np.polyfit(lengths, ttfts, 1)
+    quadratic, linear, intercept = fit_prefill(lengths, ttfts)
 
     contexts = [r.input_tokens + r.output_tokens / 2 for run in single for r in run.requests if r.itl_s]
     medians = [statistics.median(r.itl_s) for run in single for r in run.requests if r.itl_s]

@@ -169,7 +169,7 @@ class _Worker:
         while seq.reserved < seq.tokens and self.kv_used >= self.calibration.kv_capacity_tokens:
             victim = self.running[-1]
             self.release(victim)
-            victim.computed = 0  # recomputed, prompt and sampled tokens, when it is admitted again
+            victim.computed, victim.awaiting_kv_until = 0, None  # recomputed, prompt and sampled tokens, on return
             self.waiting.appendleft(victim)
             if victim is seq:
                 return False
