@@ -55,6 +55,10 @@ class SimulatedRequest:
     input_tokens: int
     output_tokens: int
 
+    def __post_init__(self) -> None:
+        if self.input_tokens < 1 or self.output_tokens < 1:
+            raise ValueError(f"a request needs at least one prompt and one output token, not {self}")
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -196,8 +200,12 @@ class _Worker:
 
 def simulate(calibration: Calibration, deployment: Deployment, workload: Workload) -> list[RequestMeasurement]:
     """Every request of the workload, as the client would measure it."""
-    clock = _Clock()
     requests = workload.requests
+    largest = max((r.input_tokens + r.output_tokens for r in requests), default=0)
+    if largest > calibration.kv_capacity_tokens:
+        raise ValueError(f"a request of {largest} tokens cannot fit a worker's KV cache of "
+                         f"{calibration.kv_capacity_tokens} tokens (kv_capacity_tokens in the calibration)")
+    clock = _Clock()
     sent_at: dict[int, float] = {}
     token_times: dict[int, list[float]] = {index: [] for index in range(len(requests))}
     next_index = itertools.count()

@@ -99,3 +99,9 @@ def test_requests_spread_over_aggregated_workers():
 def test_a_deployment_is_one_kind_or_the_other():
     with pytest.raises(ValueError, match="not both"):
         Deployment(aggregated_workers=1, context_workers=1, generation_workers=1)
+
+
+def test_a_request_larger_than_the_kv_cache_is_refused_before_simulating():
+    workload = Workload((SimulatedRequest(300, 10),), concurrency=1)
+    with pytest.raises(ValueError, match="310 tokens cannot fit a worker's KV cache of 250"):
+        simulate(calibration(kv_capacity_tokens=250), one_at_a_time(), workload)
