@@ -29,7 +29,10 @@ MODES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="disagg-serve", description=__doc__,
+        epilog="disagg-serve validate-simulator [--results DIR] [--calibration FILE] [--out-dir DIR]: "
+        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument(
         "--deployment",
