@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from planner.calibration import Calibration, CalibrationError
@@ -32,4 +34,5 @@ def test_decode_steps_interpolate_between_batch_sizes_and_extend_past_the_last()
 def test_the_checked_in_calibration_is_fitted_from_the_checked_in_runs():
     checked_in = Calibration.load(DEFAULT_CALIBRATION)
     refitted = fit(load_measured_runs(DEFAULT_RESULTS), "benchmarks/results", checked_in.command)
-    assert refitted == checked_in
+    for name, value in dataclasses.asdict(checked_in).items():  # floats to rounding: BLAS may differ
+        assert getattr(refitted, name) == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9)), name
