@@ -30,7 +30,10 @@ MODES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="disagg-serve", description=__doc__,
+        epilog="disagg-serve validate-simulator [--results DIR] [--calibration FILE] [--out-dir DIR]: "
+        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument(
         "--deployment",
@@ -101,6 +104,11 @@ def banner(server: TritonServer, ensemble: str, frontend: OpenAIFrontend | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["validate-simulator"]:  # the planner's check, not a server: see planner/validate.py
+        from planner import validate
+
+        return validate.main(argv[1:])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository

@@ -101,3 +101,9 @@ def test_light_models_load_neither_torch_nor_the_engine(model):
     result = subprocess.run([sys.executable, "-c", IMPORT_MODEL, str(path)], capture_output=True, text=True,
                             cwd=REPO_ROOT, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_planner_models_the_server_without_loading_it():
+    assert violations("planner", (PACKAGE, "torch", "triton_python_backend_utils", "tritonclient", "kv_transfer",
+                                  "launcher", "transformers")) == []
+    assert [path.name for path in modules("planner") if len(path.read_text().splitlines()) > 400] == []
