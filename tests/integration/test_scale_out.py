@@ -105,6 +105,10 @@ def cluster(tmp_path_factory):
         with ThreadPoolExecutor(len(cluster.servers)) as pool:
             for started in [pool.submit(s.start) for s in [*workers, orchestrator]]:
                 started.result()
+        # The orchestrator started next to loading workers and took them out of rotation: wait until
+        # its health checks see them, or the first requests would be prefilled on the generation server.
+        wait_until(lambda: cluster.membership("context", "context") == {"true": 1, "false": 0}
+                   and cluster.membership("generation", "generation") == {"true": 1, "false": 0}, timeout_s=30)
         yield cluster
     finally:
         with ThreadPoolExecutor(len(cluster.servers)) as pool:
