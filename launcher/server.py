@@ -127,6 +127,11 @@ class TritonServer:
         return self._process.pid if self._process is not None else None
 
     @property
+    def exit_status(self) -> int | None:
+        """tritonserver's exit status once it has exited (negative: killed by that signal)."""
+        return self._process.returncode if self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -17,6 +17,7 @@ orchestrator reloads the instance (stub_recovery.py).
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import uuid
@@ -114,9 +115,20 @@ class LLMModel:
         return None
 
     def finalize(self) -> None:
-        self.loop.stop()
+        """Tear down while the stub can still take it: stop the loop, close the transfer agent,
+        then drop and collect everything.
+
+        Left to the interpreter's exit, the engine, the agent and the gauges sit in reference
+        cycles (the loop calls back into this model; a published request's responder holds its
+        response sender) that only Py_FinalizeEx collects, after the stub has unmapped its shared
+        memory: the senders' and metric families' destructors then crash the stub (issue 21).
+        Calling it twice is harmless."""
+        if self.loop is not None:
+            self.loop.stop()
         if self.transfer is not None:
             self.transfer.close()
+        self.loop = self.transfer = self.engine = self.gauges = None
+        gc.collect()
 
     def _publish_metrics(self) -> None:
         stats = self.engine.stats()

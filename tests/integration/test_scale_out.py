@@ -10,6 +10,7 @@ aggregated path (same model, same fp32 KV, greedy).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -29,6 +30,7 @@ from tests.helpers import PROMPTS, generate, metric_values, wait_until
 pytestmark = pytest.mark.integration
 
 HEALTH_CHECK_INTERVAL_S = 0.5
+CRASH_LINE = re.compile(r"Caught signal|Segmentation fault|backtrace")
 
 
 def deployment_text(context_urls: list[str], generation_urls: list[str]) -> str:
@@ -219,3 +221,17 @@ def test_killing_the_context_server_loses_no_request(cluster, aggregated_answers
     started = time.monotonic()
     assert generate(orchestrator, "ensemble", PROMPTS[1]) == aggregated_answers[PROMPTS[1]]
     assert time.monotonic() - started < 15
+
+
+def test_every_server_stops_without_a_crash(cluster):
+    """Last in this module: SIGTERM each server still running (a test above killed the context
+    server), as Ctrl-C does. Each exits 0 and none of their stubs crashes on the way out (issue 21)."""
+    running = {name: server for name, server in cluster.servers.items() if server.running}
+    assert set(running) >= {"orchestrator", "generation", "generation2"}
+    with ThreadPoolExecutor(len(running)) as pool:
+        list(pool.map(TritonServer.stop, running.values()))
+    for name, server in running.items():
+        log = server.log_file.read_text()
+        assert server.exit_status == 0, f"{name}: {log[-3000:]}"
+        crashes = [line for line in log.splitlines() if CRASH_LINE.search(line)]
+        assert crashes == [], f"{name}: " + "\n".join(crashes)

@@ -92,9 +92,9 @@ def test_receiver_killed_mid_transfer_frees_the_sender(shared):
             handle = sender.publish("req", list(range(BIG_BLOCKS)), BIG_BLOCKS * 16,
                                     on_release=lambda rid, why: released.append((rid, why.value)))
             peer.call("pull_start", "gen", [handle.to_bytes()], list(range(BIG_BLOCKS)))
-            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 10)
+            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 30)
             if not shared:  # through UCX: wait until data flows
-                wait_until(lambda: sender.metrics.snapshot()["bytes_staged_sent"] > 0, 10)
+                wait_until(lambda: sender.metrics.snapshot()["bytes_staged_sent"] > 0, 30)
             assert sender.metrics.snapshot()["pulls_served"] == 0
             peer.kill()
             killed = time.monotonic()
