@@ -9,6 +9,7 @@ consecutive block ids are contiguous too: that is what lets a transfer go withou
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import mmap
 import os
@@ -154,6 +155,8 @@ class SharedPool:
     nbytes: int
 
 
+# Fixed size for good; F_SEAL_SEAL: nobody can add or take off seals later.
+POOL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _shared_regions: dict[int, tuple[int, int]] = {}  # base address -> (memfd, size)
 
 
@@ -167,9 +170,18 @@ def shared_host_zeros(nbytes: int) -> torch.Tensor:
 
     Every page is faulted in now. Shared memory gets no transparent huge pages on this kernel
     (shmem_enabled=never): copies out of it measured ~90% of a huge-page memcpy.
+    The memfd is mode 0600 (memfd_create makes it 0777), so only this user opens it through
+    /proc/<pid>/fd, and sealed at its size, so nobody holding it can shrink it under the readers
+    that mapped it (they would die of SIGBUS) or grow it.
     """
-    fd = os.memfd_create("kv-pool")  # close-on-exec
-    os.ftruncate(fd, nbytes)
+    fd = os.memfd_create("kv-pool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
+    except OSError:
+        os.close(fd)
+        raise
     array = np.frombuffer(mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED), dtype=np.uint8)
     array.fill(0)
     base = array.ctypes.data

@@ -8,6 +8,9 @@ The stubs get the deployment key that authenticates context_phase_params through
 TRITON_DISAGG_KV_KEY_FILE: the caller's, when set (a deployment across hosts shares one key file),
 else a random key made once per launcher process, so servers started side by side share it.
 
+The server and its stubs run with umask 077: the Python backend's /dev/shm regions carry every
+prompt and answer, and with the usual umask (022) any local user could read them.
+
 Two protections against clients, both missing from Triton 2.51's defaults:
 - The model-repository API (load, unload, index) answers only requests that carry
   ADMIN_HEADER with a random key made per server and never published, so no client can unload
@@ -48,6 +51,7 @@ DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repos
 SHM_DIR = Path("/dev/shm")
 ADMIN_HEADER = "triton-disagg-admin-key"
 THREAD_STACK_BYTES = 64 << 20
+SERVER_UMASK = 0o077
 START_ATTEMPTS = 2  # a start fails now and then (seen: a lock exception during model load)
 
 
@@ -66,12 +70,13 @@ def session_key_file() -> Path:
     return path
 
 
-def with_thread_stack(command: list[str], stack_bytes: int) -> list[str]:
-    """`command` run through sh with the stack limit raised to `stack_bytes` (or the hard limit,
-    if lower): glibc sizes every thread's stack from it, and the process keeps the pid `exec` gives it."""
+def server_shell(command: list[str], stack_bytes: int) -> list[str]:
+    """`command` run through sh with umask SERVER_UMASK and the stack limit raised to `stack_bytes`
+    (or the hard limit, if lower): glibc sizes every thread's stack from it, and the process keeps
+    the pid `exec` gives it."""
     _, hard = resource.getrlimit(resource.RLIMIT_STACK)
     kib = (stack_bytes if hard == resource.RLIM_INFINITY else min(stack_bytes, hard)) // 1024
-    return ["/bin/sh", "-c", f'ulimit -s {kib} && exec "$@"', "tritonserver", *command]
+    return ["/bin/sh", "-c", f'umask {SERVER_UMASK:03o} && ulimit -s {kib} && exec "$@"', "tritonserver", *command]
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ class TritonServer:
             output = open(self.log_file, "ab")
         try:
             self._process = subprocess.Popen(
-                with_thread_stack(self.command(runtime, self._shm_prefix), THREAD_STACK_BYTES),
+                server_shell(self.command(runtime, self._shm_prefix), THREAD_STACK_BYTES),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,

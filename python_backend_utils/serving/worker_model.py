@@ -35,6 +35,7 @@ from python_backend_utils.serving.context_params import (
     MalformedContextParamsError,
     load_deployment_key,
 )
+from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
 from python_backend_utils.serving.metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
 from python_backend_utils.serving.placement import pin_instance
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
@@ -99,7 +100,7 @@ class LLMModel:
         labels = {"model": args["model_name"], "version": args["model_version"]}
         descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
                         **(PARAMS_METRICS if self.role == "generation" else {})}
-        self.gauges = GaugeSet("disagg", descriptions, labels)
+        self.gauges = GaugeSet("disagg", published(descriptions, detailed_metrics(parameters)), labels)
         self.loop = EngineLoop(engine, on_tick=self._publish_metrics, on_death=exit_stub)
         self.loop.start()
         self._by_triton_id: dict[str, str] = {}  # Triton request id -> engine request id, for `stop`

@@ -422,6 +422,19 @@ def test_engine_containers_share_one_deployment_key():
     assert len(secrets) == 1, f"context and generation pods must mount one key Secret, not {sorted(secrets)}"
 
 
+def test_compose_key_file_is_made_readable_by_the_image_user_only():
+    """Compose bind-mounts a file secret with its owner and mode on the host: the key file the
+    instructions make must be private (umask 077, no chmod opening it) and belong to the image's user."""
+    uid = [args for name, args in dockerfile_instructions() if name == "USER"][-1].split(":")[0]
+    key_file = (DOCKER / yaml.safe_load(COMPOSE.read_text())["secrets"]["kv_key"]["file"]).relative_to(ROOT)
+    commands = [line.lstrip("# ") for path in (COMPOSE, ROOT / "README.md") for line in path.read_text().splitlines()
+                if f"> {key_file}" in line]
+    assert len(commands) == 2, commands
+    for command in commands:
+        assert "umask 077 &&" in command and "chmod" not in command, command
+        assert re.search(rf"\bchown {uid}(:\d+)? {re.escape(str(key_file))}\b", command), command
+
+
 @pytest.mark.parametrize("variable, value", [("HANDLE_TTL_S", "soon"), ("USE_SHARED_MEMORY", "ture")])
 def test_kv_environment_errors_name_the_variable(variable, value):
     with pytest.raises(ValueError, match=f"{KV_ENV_PREFIX}{variable}='{value}'"):

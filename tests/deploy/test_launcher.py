@@ -20,7 +20,7 @@ from launcher.cli import MODES, banner
 from launcher.openai_process import OpenAIFrontend, frontend_target
 from launcher.ports import free_ports, free_server_ports
 from launcher.runtime import TritonRuntime, find_runtime
-from launcher.server import ServerStartError, TritonServer, with_thread_stack
+from launcher.server import ServerStartError, TritonServer, server_shell
 
 ECHO_CONFIG = """
 name: "{name}"
@@ -103,10 +103,12 @@ def test_command_for_the_pypi_runtime_on_cpu():
     assert len(server.admin_key) >= 32 and server.admin_key != TritonServer().admin_key
 
 
-def test_the_server_runs_with_the_larger_thread_stack():
-    command = with_thread_stack(["/rt/tritonserver", "--http-port=1"], 64 << 20)
-    result = subprocess.run([*command[:4], "sh", "-c", "ulimit -s"], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == str(64 << 10)
+def test_the_server_runs_with_the_larger_thread_stack_and_umask_077():
+    """Files the server and its stubs create (the /dev/shm regions holding prompts) are this user's only."""
+    command = server_shell(["/rt/tritonserver", "--http-port=1"], 64 << 20)
+    result = subprocess.run([*command[:4], "sh", "-c", "ulimit -s; umask"], capture_output=True, text=True,
+                            check=True, preexec_fn=lambda: os.umask(0o022))
+    assert result.stdout.split() == [str(64 << 10), "0077"]
     assert command[4:] == ["/rt/tritonserver", "--http-port=1"]
 
 

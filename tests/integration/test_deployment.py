@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     repository = work / "model_repository"
     settings = [f"context.kv_handle_ttl_s={HANDLE_TTL_S}", f"generation.max_num_seqs={GENERATION_MAX_NUM_SEQS}"] + [
         f"{model}.kv_cache_memory_bytes={128 << 20}" for model in ("context", "generation")
-    ]
+    ] + [f"{model}.detailed_metrics=true" for model in ("context", "disaggregated_serving_bls")]  # routing, hits
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml",
                       tuple(map(Setting.parse, settings)))
     triton = TritonServer(

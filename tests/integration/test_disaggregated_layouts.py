@@ -34,6 +34,7 @@ def layout_server(tmp_path_factory):
     )
     settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16"]
     settings += [f"{model}.kv_cache_memory_bytes={256 << 20}" for model in ("context", "generation", "aggregated")]
+    settings.append("disaggregated_serving_bls.detailed_metrics=true")  # the router's decisions, per target
     repository = work / "model_repository"
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml", tuple(map(Setting.parse, settings)))
     server = TritonServer(

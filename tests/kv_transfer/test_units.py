@@ -2,8 +2,10 @@
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import os
 import platform
+import stat
 
 import numpy as np
 import pytest
@@ -74,6 +76,23 @@ def test_allocated_pool_is_aligned_zeroed_shared_and_checked():
         MODEL.check_pool(pool[:, :2])
     with pytest.raises(ValueError):
         MODEL.check_pool(pool.to(torch.float16))
+
+
+def test_shared_pool_is_private_to_its_user_and_keeps_its_size():
+    """Opened as a peer would (through /proc), the pool's memfd is 0600 and refuses every resize:
+    truncating it would kill each process that maps it with SIGBUS."""
+    shared = shared_pool_of(pool := allocate_kv_pool(MODEL, 2))
+    fd = os.open(f"/proc/{os.getpid()}/fd/{shared.fd}", os.O_RDWR)
+    try:
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        for size in (0, shared.nbytes - 4096, shared.nbytes + 4096):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        with pytest.raises(PermissionError):  # nor can the seals change
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        assert os.fstat(fd).st_size == shared.nbytes == pool.numel() * pool.element_size()
+    finally:
+        os.close(fd)
 
 
 def test_handle_round_trips_through_bytes_and_uint8_tensor():

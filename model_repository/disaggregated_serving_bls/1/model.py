@@ -18,6 +18,7 @@ from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.orchestration.membership import MembershipMonitor
 from python_backend_utils.orchestration.orchestrator import GROUPS, Orchestrator
 from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
 from python_backend_utils.serving.metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
 from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch
 from python_backend_utils.serving.triton_io import model_parameters
@@ -32,8 +33,8 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16))
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = GaugeSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
-        self.router_gauges = {name: LabelledGauges(name, description, labels)
-                              for name, description in ROUTER_METRICS.items()}
+        self.router_gauges = {name: LabelledGauges(name, description, labels) for name, description
+                              in published(ROUTER_METRICS, detailed_metrics(parameters)).items()}
         self._published: set[tuple[str, str]] = set()
         self._publish_lock = threading.Lock()
         self.monitor = MembershipMonitor(deployment, path, self.orchestrator.remote_targets, self.orchestrator.apply,
@@ -81,8 +82,9 @@ class TritonPythonModel:
                     seen.add(key)
                     self._set_target(key, member and healthy, member and not healthy)
                     self.router_gauges["disagg_router_in_flight"].set({"group": group, "target": key[1]}, in_flight)
-                    self.router_gauges["disagg_router_decisions_total"].set({"group": group, "target": key[1]},
-                                                                            decisions)
+                    if "disagg_router_decisions_total" in self.router_gauges:  # only with detailed_metrics
+                        self.router_gauges["disagg_router_decisions_total"].set({"group": group, "target": key[1]},
+                                                                                decisions)
             for key in self._published - seen:
                 self._set_target(key, False, False)
                 self.router_gauges["disagg_router_in_flight"].set({"group": key[0], "target": key[1]}, 0)
