@@ -98,7 +98,7 @@ class Sender:
         self._transport = transport
         self._staging = staging
         self._closing = closing  # set: refuse every pull
-        self._lock = threading.Lock()  # guards _published and _expiry
+        self._lock = threading.Lock()  # guards _published, _released and _expiry
         self._published: dict[str, _Published] = {}
         self._released: dict[str, _Published] = {}  # released before their TTL: refused, not ignored
         self._expiry: list[tuple[float, int, _Published]] = []
