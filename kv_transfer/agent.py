@@ -78,7 +78,7 @@ class TransferAgent:
         self.max_message_bytes = max(1, staging.send.capacity // _PIPELINE_DEPTH)
         local = LocalPool.register(pool, layout, share=self.config.use_shared_memory,
                                    max_message_bytes=self.max_message_bytes)
-        self._transport = Transport(self.config, self.metrics, staging)
+        self._transport = Transport(self.config, self.metrics, staging, in_use=self._peers_in_use)
         self.address: bytes = self._transport.address
         self.process = local.process
 
@@ -207,6 +207,9 @@ class TransferAgent:
             self._sender.check_liveness()
             self._receiver.check_liveness()
         return worked
+
+    def _peers_in_use(self) -> set[bytes]:
+        return self._sender.peers() | self._receiver.peers()
 
     def _idle(self) -> bool:
         return self._sender.idle and self._receiver.idle and not self._transport.sending_control

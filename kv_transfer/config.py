@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+MIN_KEY_BYTES = 16
+
 
 def _default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -45,6 +47,11 @@ class TransferConfig:
     poll_interval_s / idle_poll_interval_s: the service thread's polling period while transfers
         are active / when idle. The Python ucxx API offers no completion callbacks, so the
         service thread polls: a shorter period answers sooner and costs more of a core.
+    deployment_key: shared by the agents of one deployment (bytes, or text taken as UTF-8); set,
+        every control message carries an HMAC-SHA256 under it, and messages without a valid one
+        are dropped unread. None: control messages are unauthenticated (one trusted host).
+    max_endpoints: UCX endpoints kept open to peers; the least recently used idle one is closed
+        beyond it (endpoints that transfers are using are kept regardless).
     """
 
     name: str = field(default_factory=_default_name)
@@ -61,11 +68,18 @@ class TransferConfig:
     copy_threads: int = 2
     poll_interval_s: float = 0.0002
     idle_poll_interval_s: float = 0.001
+    deployment_key: bytes | str | None = field(default=None, repr=False)  # a str is stored as its UTF-8
+    max_endpoints: int = 256
 
     def __post_init__(self) -> None:
         if self.allowed_peers is not None:
             object.__setattr__(self, "allowed_peers", frozenset(self.allowed_peers))
-        for name in ("max_tokens_in_buffer", "max_concurrent_sends", "copy_threads"):
+        if isinstance(self.deployment_key, str):
+            object.__setattr__(self, "deployment_key", self.deployment_key.encode())
+        if self.deployment_key is not None and len(self.deployment_key) < MIN_KEY_BYTES:
+            raise ValueError(f"TransferConfig.deployment_key has {len(self.deployment_key)} bytes; "
+                             f"use at least {MIN_KEY_BYTES}")
+        for name in ("max_tokens_in_buffer", "max_concurrent_sends", "copy_threads", "max_endpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be >= 1")
         for name in ("handle_ttl_s", "response_timeout_s", "transfer_timeout_s",

@@ -38,5 +38,9 @@ class MalformedMessageError(KVTransferError):
     """Bytes on the wire (or a handle) failed to decode: truncated, corrupted or of the wrong size."""
 
 
+class UnauthenticatedMessageError(MalformedMessageError):
+    """A control message without a valid MAC under the deployment key: dropped, never raised to a caller."""
+
+
 class AgentClosedError(KVTransferError):
     """The agent was closed while the operation was pending, or used after close()."""

@@ -16,7 +16,7 @@ COUNTERS = (
     "pulls_started", "pulls_completed", "pulls_failed", "bytes_received", "bytes_read_shared",
     "bytes_staged_received",
     # either
-    "malformed_messages", "release_callback_errors",
+    "malformed_messages", "unauthenticated_messages", "release_callback_errors",
 )
 GAUGES = ("pinned_requests", "pinned_blocks", "serves_in_flight", "serves_queued", "pulls_in_flight",
           "staging_bytes_in_use")

@@ -32,6 +32,7 @@ from .errors import (
     PeerUnreachableError,
     PullRefusedError,
     TransferTimeoutError,
+    UnauthenticatedMessageError,
 )
 from .handle import KVHandle
 from .metrics import TransferMetrics
@@ -82,6 +83,10 @@ class Receiver:
     def idle(self) -> bool:
         return not self.pulls
 
+    def peers(self) -> set[bytes]:
+        """The senders that pulls under way receive from."""
+        return {sub.handle.agent_address for pull in self.pulls for sub in pull.subs}
+
     def start(self, pull: Pull) -> None:
         self.pulls.append(pull)
         for i, sub in enumerate(pull.subs):
@@ -111,7 +116,7 @@ class Receiver:
         except ucx_api.UCXError as e:
             self._fail_sub(sub, PeerUnreachableError(f"cannot connect to {handle.agent_name}: {e}"))
             return
-        except LayoutMismatchError as e:
+        except (LayoutMismatchError, MalformedMessageError) as e:  # malformed: the handle's address
             self._fail_sub(sub, e)
             return
         request = PullRequest(sub.pull_id, self._transport.address, self._config.name, self._pool.process,
@@ -120,19 +125,24 @@ class Receiver:
                               boundaries=() if sub.shared_pool is not None else tuple(sub.boundaries))
         sub.phase = Phase.REQUESTED
         sub.deadline = time.monotonic() + self._config.response_timeout_s
-        buffer = np.zeros(MAX_RESPONSE_BYTES, dtype=np.uint8)
-        try:
-            response = sub.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(response_tag(sub.pull_id)))
-        except ucx_api.UCXError as e:
-            self._fail_sub(sub, PeerUnreachableError(f"cannot reach {handle.agent_name}: {e}"))
+        if not self._post_response_receive(sub):
             return
-        sub.response = Message(response, buffer, MAX_RESPONSE_BYTES)
         if not self._transport.send_control(handle.agent_address, request.to_bytes(), CONTROL_TAG, sub.deadline):
             self._fail_sub(sub, PeerUnreachableError(f"cannot reach {handle.agent_name}"))
         elif sub.shared_pool is not None:  # read while the sender checks the request (see shared_read.py)
             sub.copy = self._reader.read(sub.route, sub.shared_pool, handle.block_ids, self._pool.tensor,
                                          pull.dest_block_ids, pull.num_tokens,
                                          lambda _: self._wake.set())  # release the sender's blocks at once
+
+    def _post_response_receive(self, sub: SubPull) -> bool:
+        buffer = np.zeros(MAX_RESPONSE_BYTES, dtype=np.uint8)
+        try:
+            response = sub.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(response_tag(sub.pull_id)))
+        except ucx_api.UCXError as e:
+            self._fail_sub(sub, PeerUnreachableError(f"cannot reach {sub.handle.agent_name}: {e}"))
+            return False
+        sub.response = Message(response, buffer, MAX_RESPONSE_BYTES)
+        return True
 
     def advance(self, now: float) -> bool:
         worked = False
@@ -171,9 +181,13 @@ class Receiver:
         if sub.response.request.completed:
             try:
                 sub.response.request.check_error()
-                response = PullResponse.from_bytes(sub.response.buffer)
+                response = PullResponse.from_bytes(self._transport.open_control(sub.response.buffer))
                 if response.pull_id != sub.pull_id:
                     raise MalformedMessageError(f"response for pull {response.pull_id}, expected {sub.pull_id}")
+            except UnauthenticatedMessageError:  # forged: drop it, the real answer may still come
+                self._metrics.add("unauthenticated_messages")
+                self._post_response_receive(sub)
+                return True
             except ucx_api.UCXError as e:
                 self._fail_sub(sub, self._receive_error(sub, e, before_data=True))
                 return True

@@ -1,9 +1,13 @@
 """The sender side: published requests, their pins and TTLs, and serving pulls of them.
 
 A request is pinned from `publish` until it is released (pulled, revoked or expired) and never
-pinned again. A `PullRequest` arrives on `CONTROL_TAG`; the sender checks secret, TTL, allow-list
-and plan, and answers `PullResponse` ACCEPTED or REFUSED on the pull's response tag (the same
-answer for every kind of refusal). Then, for a same-host reader (shared_read.py), it waits for the
+pinned again. A `PullRequest` arrives on `CONTROL_TAG`, authenticated (transport.py). Only a
+request with the secret of a request published here (still pinned, or released early and not yet
+past its TTL) is answered, since answering means connecting to the reply address the request
+names: anything else is counted and dropped unanswered, so nobody without a handle can make this
+agent connect anywhere. For the holder of a handle, the sender checks TTL, allow-list and plan,
+and answers `PullResponse` ACCEPTED or REFUSED on the pull's response tag (the same answer for
+every kind of refusal). Then, for a same-host reader (shared_read.py), it waits for the
 reader's `PullDone`, which releases the pin. Otherwise (across hosts, or a pool on a GPU) it sends
 message k on ``data_tag(pull_id, k)`` from its pool, or gathered into its staging buffer. A send
 completes once the data is out, which is what releases the pin.
@@ -29,6 +33,7 @@ from ucxx._lib.arr import Array
 
 from .config import TransferConfig
 from .conversion import gather, source_bytes
+from .errors import MalformedMessageError
 from .handle import SECRET_BYTES, KVHandle
 from .metrics import TransferMetrics
 from .pool import LocalPool
@@ -93,8 +98,9 @@ class Sender:
         self._transport = transport
         self._staging = staging
         self._closing = closing  # set: refuse every pull
-        self._lock = threading.Lock()  # guards _published and _expiry
+        self._lock = threading.Lock()  # guards _published, _released and _expiry
         self._published: dict[str, _Published] = {}
+        self._released: dict[str, _Published] = {}  # released before their TTL: refused, not ignored
         self._expiry: list[tuple[float, int, _Published]] = []
         self._seq = itertools.count()
         self._serve_queue: collections.deque[_Serve] = collections.deque()
@@ -104,6 +110,10 @@ class Sender:
     @property
     def idle(self) -> bool:
         return not (self._serving or self._serve_queue or self._readers)
+
+    def peers(self) -> set[bytes]:
+        """The receivers that serves under way send to."""
+        return {s.request.reply_address for s in [*self._serve_queue, *self._serving, *self._readers.values()]}
 
     def publish(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
                 on_release: ReleaseCallback | None) -> KVHandle:
@@ -120,6 +130,7 @@ class Sender:
         with self._lock:
             if request_id in self._published:
                 raise ValueError(f"request {request_id!r} is already published")
+            self._released.pop(request_id, None)
             self._published[request_id] = published
             heapq.heappush(self._expiry, (published.deadline, next(self._seq), published))
         self._metrics.add("handles_published")
@@ -146,6 +157,8 @@ class Sender:
             if self._published.get(published.request_id) is not published:
                 return
             del self._published[published.request_id]
+            if time.monotonic() < published.deadline:  # until `expire` pops its deadline
+                self._released[published.request_id] = published
         self._metrics.add(f"handles_{published.ending.value}")
         self._metrics.add("pinned_requests", -1)
         self._metrics.add("pinned_blocks", -len(published.block_ids))
@@ -160,7 +173,10 @@ class Sender:
         expired = []
         with self._lock:
             while self._expiry and self._expiry[0][0] <= now:
-                expired.append(heapq.heappop(self._expiry)[2])
+                published = heapq.heappop(self._expiry)[2]
+                if self._released.get(published.request_id) is published:
+                    del self._released[published.request_id]
+                expired.append(published)
         for published in expired:
             published.ending = published.ending or ReleaseReason.EXPIRED
             self._maybe_release(published)
@@ -176,9 +192,17 @@ class Sender:
 
     def _on_pull_request(self, request: PullRequest, now: float) -> None:
         with self._lock:
-            published = self._published.get(request.request_id)
-        accepted = (published is not None and published.ending is None and now < published.deadline
-                    and hmac.compare_digest(published.secret, request.secret)
+            published = self._published.get(request.request_id) or self._released.get(request.request_id)
+        if published is None or not hmac.compare_digest(published.secret, request.secret):
+            self._metrics.add("pulls_refused")  # unanswered: see the module docstring
+            return
+        try:
+            self._transport.check_address(request.reply_address)
+        except MalformedMessageError as e:
+            self._metrics.add("malformed_messages")
+            log.warning("dropped a pull request of %r: %s", request.request_id, e)
+            return
+        accepted = (published.ending is None and now < published.deadline
                     and self._config.allows(request.receiver_name) and not self._closing.is_set())
         block_bytes = 0
         if accepted:

@@ -1,15 +1,24 @@
-"""Binary encoding of handles and control messages, and the tag scheme.
+"""Binary encoding of handles and control messages, the tag scheme, and control-message MACs.
 
 Every encoded object is framed as ``magic (4) | version (1) | body length (4) | crc32 of body (4) | body``.
 Control messages are received into fixed-size buffers posted ahead (see transport.py), so the frame
-says where it ends; bytes after it are ignored. The CRC matters beyond hygiene: these messages
-carry UCX worker addresses, and UCX aborts the whole process on a corrupted address, so a damaged
-or truncated message must be rejected before use.
+says where it ends. The CRC catches damage, not forgery. With a deployment key, a control message
+is the frame followed by an HMAC-SHA256 of it and of the address of the agent it is for (`seal`),
+checked before anything in it is read (`unseal`): a message cannot be forged without the key, nor
+replayed to another agent or a restarted one (worker addresses hold a random id). Without a key,
+bytes after the frame are ignored.
+
+These messages carry UCX worker addresses, and UCX trusts an address blindly: a garbage one made
+this UCX (1.19) abort the process on an assertion (address version). `check_worker_address`
+rejects the malformed addresses that abort; nothing short of UCX's own parser proves one good,
+which is why an address is used only once its message is authentic (sender.py).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import struct
 import zlib
 from collections.abc import Sequence
@@ -17,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MalformedMessageError
+from .errors import MalformedMessageError, UnauthenticatedMessageError
 from .layout import KVLayout, SharedPool
 from .liveness import ProcessIdentity
 
@@ -37,7 +46,15 @@ _DATA_KIND = 3
 # 256 KiB allows ~64,000 messages, far above any real request. A longer one fails as truncated.
 MAX_CONTROL_BYTES = 256 << 10
 MAX_MESSAGES = (MAX_CONTROL_BYTES - 4096) // 4
-MAX_RESPONSE_BYTES = 64
+MAC_BYTES = hashlib.sha256().digest_size
+MAX_RESPONSE_BYTES = 64  # a sealed PullResponse is 54
+_MAC_DOMAIN = b"kv_transfer control message v1\0"  # the deployment key also signs other things
+
+# UCX worker addresses: ~200 bytes for a few transports. The low 4 bits of the first byte are the
+# address version, which UCX asserts it knows (see the module docstring).
+MIN_ADDRESS_BYTES = 16
+MAX_ADDRESS_BYTES = 4096
+_ADDRESS_VERSION_MASK = 0x0F
 
 
 def response_tag(pull_id: int) -> int:
@@ -46,6 +63,46 @@ def response_tag(pull_id: int) -> int:
 
 def data_tag(pull_id: int, index: int) -> int:
     return (_DATA_KIND << _KIND_SHIFT) | (pull_id << _PULL_SHIFT) | index
+
+
+def check_worker_address(address: bytes, like: bytes) -> None:
+    """MalformedMessageError unless `address` could be a UCX worker address of `like`'s version."""
+    if not MIN_ADDRESS_BYTES <= len(address) <= MAX_ADDRESS_BYTES:
+        raise MalformedMessageError(f"a worker address of {len(address)} bytes "
+                                    f"(expected {MIN_ADDRESS_BYTES}-{MAX_ADDRESS_BYTES})")
+    if address[0] & _ADDRESS_VERSION_MASK != like[0] & _ADDRESS_VERSION_MASK:
+        raise MalformedMessageError(f"a worker address of UCX address version {address[0] & _ADDRESS_VERSION_MASK}, "
+                                    f"this agent's is {like[0] & _ADDRESS_VERSION_MASK}")
+
+
+def _mac(key: bytes, recipient: bytes, frame: bytes | memoryview) -> bytes:
+    mac = hmac.new(key, _MAC_DOMAIN, hashlib.sha256)
+    mac.update(struct.pack("<I", len(recipient)))
+    mac.update(recipient)
+    mac.update(frame)
+    return mac.digest()
+
+
+def seal(frame: bytes, key: bytes | None, recipient: bytes) -> bytes:
+    """A control message for the agent at `recipient`: the frame, and its MAC when there is a key."""
+    return frame if key is None else frame + _mac(key, recipient, frame)
+
+
+def unseal(data: bytes | memoryview, key: bytes | None, recipient: bytes) -> memoryview:
+    """The frame of a control message for `recipient` (this agent), once its MAC checks out.
+
+    UnauthenticatedMessageError if it has no valid MAC; only the frame header's length is read first.
+    """
+    data = memoryview(data).cast("B")
+    if key is None:
+        return data
+    if len(data) < _FRAME.size:
+        raise UnauthenticatedMessageError(f"a control message of {len(data)} bytes has no MAC")
+    end = _FRAME.size + _FRAME.unpack_from(data)[2]
+    if end + MAC_BYTES > len(data) or not hmac.compare_digest(_mac(key, recipient, data[:end]),
+                                                              data[end:end + MAC_BYTES]):
+        raise UnauthenticatedMessageError("a control message without a valid MAC under the deployment key")
+    return data[:end]
 
 
 class Writer:

@@ -42,15 +42,17 @@ def layout_for(shape: ModelShape, block_size: int, dtype: torch.dtype) -> KVLayo
 # parameter, so each container of a multi-host deployment sets its own without editing config.pbtxt.
 
 
-def transfer_config(parameters: dict[str, str], name: str, environ: Mapping[str, str] | None = None) -> TransferConfig:
+def transfer_config(parameters: dict[str, str], name: str, environ: Mapping[str, str] | None = None,
+                    key: bytes | None = None) -> TransferConfig:
     """TransferConfig from `kv_<field>` parameters, each overridden by a non-empty
     TRITON_DISAGG_KV_<FIELD> variable of `environ` (default: os.environ); empty values keep
-    kv_transfer's defaults."""
+    kv_transfer's defaults. `key`: the deployment key (the one that signs context_phase_params),
+    which then authenticates the agents' control messages too."""
     environ = os.environ if environ is None else environ
     defaults = TransferConfig(name=name)
     values = {}
     for field, default in vars(defaults).items():
-        if field in ("name", "allowed_peers"):
+        if field in ("name", "allowed_peers", "deployment_key"):
             continue
         source, raw = f"{KV_ENV_PREFIX}{field.upper()}", environ.get(f"{KV_ENV_PREFIX}{field.upper()}", "")
         if raw == "":
@@ -66,7 +68,7 @@ def transfer_config(parameters: dict[str, str], name: str, environ: Mapping[str,
                 values[field] = type(default)(raw)
             except ValueError:
                 raise ValueError(f"{source}={raw!r}: expected a {type(default).__name__}") from None
-    return TransferConfig(name=name, **values)
+    return TransferConfig(name=name, deployment_key=key, **values)
 
 
 class KVExchange:

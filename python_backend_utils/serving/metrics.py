@@ -63,6 +63,7 @@ TRANSFER_METRICS = {
     "kv_pulls_failed_total": "KV pulls that failed",
     "kv_pulls_in_flight": "KV pulls in progress",
     "kv_pulls_refused_total": "pull requests refused (wrong secret, unknown or expired handle)",
+    "kv_unauthenticated_messages_total": "KV control messages dropped for lacking a valid deployment-key MAC",
     "kv_handles_expired_total": "published KV released unpulled at its time-to-live",
     "kv_pinned_blocks": "KV blocks pinned for a pull",
     "kv_pull_seconds_total": "time spent in completed pulls",

@@ -93,7 +93,8 @@ class LLMModel:
             self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
             from python_backend_utils.serving.kv_exchange import KVExchange, transfer_config
 
-            self.transfer = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}"))
+            self.transfer = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}",
+                                                       key=self.params_key))
             engine = LLMEngine(config, allocate_pool=self.transfer.allocate_pool)
             self.transfer.attach(engine.pool.tensor)
         self.engine = engine
@@ -155,6 +156,7 @@ class LLMModel:
                 "kv_pulls_failed_total": t["pulls_failed"],
                 "kv_pulls_in_flight": t["pulls_in_flight"],
                 "kv_pulls_refused_total": t["pulls_refused"],
+                "kv_unauthenticated_messages_total": t["unauthenticated_messages"],
                 "kv_handles_expired_total": t["handles_expired"],
                 "kv_pinned_blocks": t["pinned_blocks"],
                 "kv_pull_seconds_total": t["pull_duration_s"]["sum"],

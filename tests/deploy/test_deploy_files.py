@@ -396,6 +396,13 @@ def test_kv_environment_overrides_config_parameters():
     assert transfer_config(parameters, "engine", {}).bind_interface == "lo"
 
 
+def test_the_deployment_key_authenticates_kv_control_messages_too():
+    """The key that signs context_phase_params is handed to the agent; never read from the environment."""
+    key = b"k" * 32
+    assert transfer_config({}, "engine", {}, key=key).deployment_key == key
+    assert transfer_config({}, "engine", {f"{KV_ENV_PREFIX}DEPLOYMENT_KEY": "x" * 32}).deployment_key is None
+
+
 def test_engine_containers_share_one_deployment_key():
     """Context and generation containers read the same key file (else every handoff is refused),
     from a secret that is never committed and that the containers' user can read."""

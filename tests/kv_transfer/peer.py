@@ -3,7 +3,8 @@
 A `Peer` is a spawned child process (its own process group) hosting any number of
 TransferAgents, driven over a pipe; every call has a timeout, so a broken child fails a test
 instead of hanging it. A `RogueSender` speaks the wire protocol with raw ucxx and breaks it
-on purpose (no answer, a corrupt answer, an oversized message, a stall).
+on purpose (no answer, a corrupt answer, an oversized message, a stall), and delivers control
+messages forged by a test.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class _Host:
 
     def metrics(self, key):
         return self.agents[key].metrics.snapshot()
+
+    def endpoints(self, key):
+        return self.agents[key]._transport.endpoint_count
 
     def pull_start(self, key, handles, dest):
         future = self.agents[key].pull([KVHandle.from_bytes(h) for h in handles], dest)
@@ -231,6 +235,11 @@ def _rogue_main(conn) -> None:
             command, argument = conn.recv()
             if command == "mode":
                 mode = argument
+            elif command == "raw":  # control messages made by the test: (address, payloads)
+                endpoint = endpoint_to(argument[0])
+                requests = [send(endpoint, payload, CONTROL_TAG) for payload in argument[1]]
+                while not all(r.completed for r in requests):
+                    time.sleep(0.001)
             else:  # "garbage": junk control messages to the agent at `argument`
                 endpoint = endpoint_to(argument)
                 good = PullRequest(1, worker.address.tobytes(), "rogue", ProcessIdentity.current(), "r",
@@ -285,6 +294,10 @@ class RogueSender:
 
     def send_garbage_to(self, address: bytes) -> None:
         self._call("garbage", address)
+
+    def send_control_to(self, address: bytes, payloads: list[bytes]) -> None:
+        """Deliver `payloads`, as they are, on the control tag of the agent at `address`."""
+        self._call("raw", (address, payloads))
 
     def handle_like(self, handle: KVHandle) -> KVHandle:
         """A handle that points at this rogue peer instead of the real sender."""
