@@ -74,7 +74,7 @@ def test_sender_killed_during_a_read_of_its_shared_pool_cannot_hurt_the_reader()
             # from the mapping whatever happens to the sender. (Killed before it, the pull fails
             # with PeerUnreachableError: nothing says the blocks were pinned.) White-box, as nothing
             # public shows the acceptance.
-            sub = wait_until(lambda: agent._pulls and agent._pulls[0].subs[0], 10)
+            sub = wait_until(lambda: agent._pulls and agent._pulls[0].subs[0], 10, interval_s=0.001)  # a read is ~30 ms
             wait_until(lambda: sub.phase.name in ("RECEIVING", "DONE"), 10)
             peer.kill()
             assert future.result(timeout=10).bytes_received == BIG_BLOCKS * BIG.bytes_per_block
@@ -92,7 +92,7 @@ def test_receiver_killed_mid_transfer_frees_the_sender(shared):
             handle = sender.publish("req", list(range(BIG_BLOCKS)), BIG_BLOCKS * 16,
                                     on_release=lambda rid, why: released.append((rid, why.value)))
             peer.call("pull_start", "gen", [handle.to_bytes()], list(range(BIG_BLOCKS)))
-            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 30)
+            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 30, interval_s=0.001)  # a read is ~30 ms
             if not shared:  # through UCX: wait until data flows
                 wait_until(lambda: sender.metrics.snapshot()["bytes_staged_sent"] > 0, 30)
             assert sender.metrics.snapshot()["pulls_served"] == 0
