@@ -61,9 +61,21 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the thread; requests still in flight fail with EngineDeadError, so each client
+        hears the end and each response sender is closed while its model is still loaded."""
         self._stopping = True
         self._commands.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the engine loop did not stop within %g s; its requests are left as they are", timeout)
+            return
+        stopped = EngineDeadError("this instance is unloading; send the request again")
+        with self._lock:
+            self.death = stopped  # and new requests are refused
+            admitting, self._admitting = list(self._admitting.values()), {}
+        for subscriber in [*self._subscribers.values(), *admitting]:
+            self._fail(subscriber, stopped)
+        self._subscribers.clear()
 
     def submit(
         self,

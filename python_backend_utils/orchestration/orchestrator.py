@@ -82,6 +82,8 @@ class ContextResult:
     first_tokens: list[int]
     log_probs: list[float]
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
+    target: Target
+    worker_id: str  # the context instance holds the KV under this request id until it is pulled
 
 
 class Orchestrator:
@@ -105,6 +107,7 @@ class Orchestrator:
         self._stub_generations: dict[Target, int] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
         self._loop_with_executor: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task] = set()  # referenced until done, or asyncio may drop them
 
     @property
     def context_router(self) -> Router:
@@ -209,9 +212,20 @@ class Orchestrator:
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
-        await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
-                                     deliver, deployment)
+        try:
+            await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
+                                         deliver, deployment)
+        except Exception:
+            if context is not None:  # its KV may still be pinned, unpulled: free it now, not at its TTL
+                self._in_background(self._stop(context.target, context.worker_id))
+            raise
         self.stats.generation_phase_seconds += time.monotonic() - generation_started
+
+    def _in_background(self, work) -> None:
+        """Run a coroutine without making the client wait for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _context_phase(self, request_id: str, inputs, prompt: list[int],
                              deployment: Deployment) -> ContextResult | None:
@@ -246,7 +260,7 @@ class Orchestrator:
                 log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
                 if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
                     params = outputs["context_phase_params"].reshape(-1)
-            return ContextResult(tokens, log_probs, params)
+            return ContextResult(tokens, log_probs, params, target, worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,

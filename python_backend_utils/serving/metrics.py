@@ -6,7 +6,18 @@ taken anywhere (engine stats, kv_transfer counters, orchestrator counters) maps 
 
 from __future__ import annotations
 
+import ctypes
+
 import triton_python_backend_utils as pb_utils
+
+
+def _keep_for_the_process(family) -> None:
+    """Never destroy `family`: tritonserver keeps one family per name for the whole server, shared
+    by every model instance that names it (each version of a model, their replacements after a
+    reload). Deleting one instance's copy removes it for all of them, and the server then sets
+    freed gauges (heap corruption, seen when a version reloaded next to a live one). Left to the
+    interpreter's exit, its destructor would message a server the stub has already left."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(family))
 
 
 class GaugeSet:
@@ -14,11 +25,10 @@ class GaugeSet:
 
     def __init__(self, prefix: str, descriptions: dict[str, str], labels: dict[str, str]) -> None:
         self._gauges = {}
-        self._families = []  # a family must outlive its metrics, or setting them fails
         for name, description in descriptions.items():
             family = pb_utils.MetricFamily(name=f"{prefix}_{name}", description=description,
                                            kind=pb_utils.MetricFamily.GAUGE)
-            self._families.append(family)
+            _keep_for_the_process(family)  # it also outlives its gauges, or setting them fails
             self._gauges[name] = family.Metric(labels=labels)
 
     def publish(self, values: dict[str, float]) -> None:
@@ -26,12 +36,18 @@ class GaugeSet:
             if name in values:
                 gauge.set(float(values[name]))
 
+    def close(self) -> None:
+        """Remove this instance's gauges (its labels) from the server's families, now, while the
+        stub is still connected."""
+        self._gauges.clear()
+
 
 class LabelledGauges:
     """One gauge family whose label sets appear at runtime (e.g. one per routed target)."""
 
     def __init__(self, name: str, description: str, labels: dict[str, str]) -> None:
         self._family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+        _keep_for_the_process(self._family)
         self._labels = labels
         self._gauges: dict[tuple[tuple[str, str], ...], object] = {}
 

@@ -123,12 +123,14 @@ class LLMModel:
         Left to the interpreter's exit, the engine, the agent and the gauges sit in reference
         cycles (the loop calls back into this model; a published request's responder holds its
         response sender) that only Py_FinalizeEx collects, after the stub has unmapped its shared
-        memory: the senders' and metric families' destructors then crash the stub (issue 21).
-        Calling it twice is harmless."""
+        memory: the senders' and gauges' destructors then crash the stub (issue 21). The metric
+        families themselves are never destroyed (metrics.py says why). Calling it twice is harmless."""
         if self.loop is not None:
             self.loop.stop()
         if self.transfer is not None:
             self.transfer.close()
+        if self.gauges is not None:
+            self.gauges.close()
         self.loop = self.transfer = self.engine = self.gauges = None
         gc.collect()
 
@@ -233,18 +235,22 @@ class ContextResponder:
             "output_ids": np.asarray(output.token_ids, dtype=np.int32),
             "output_log_probs": np.asarray(output.log_probs, dtype=np.float32),
         }
-        if output.kv_block_ids is not None:
-            engine = self.loop.engine
-            handle = self.transfer.publish(
-                output.request_id,
-                output.kv_block_ids,
-                output.num_prompt_tokens,
-                on_release=lambda request_id: self.loop.call_soon(lambda: engine.release_kv(request_id)),
-            )
+        published = output.kv_block_ids is not None
+        if published:
+            handle = self.transfer.publish(output.request_id, output.kv_block_ids, output.num_prompt_tokens,
+                                           on_release=self._released)
             params = ContextPhaseParams(self.instance_name, output.token_ids[0], output.num_prompt_tokens, handle)
             signed = params.to_bytes(self.params_key, self.prompt_ids)
             tensors["context_phase_params"] = np.frombuffer(signed, dtype=np.uint8)
         send_tensors(self.sender, tensors, final=True)
+        if self.on_end and not published:
+            self.on_end()
+
+    def _released(self, request_id: str) -> None:
+        """The KV was pulled, revoked or expired. Until then a `stop` with this request's id
+        still finds it, so an orchestrator that gives up on the request frees it at once."""
+        engine = self.loop.engine
+        self.loop.call_soon(lambda: engine.release_kv(request_id))
         if self.on_end:
             self.on_end()
 

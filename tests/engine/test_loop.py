@@ -90,3 +90,21 @@ def test_a_dead_loop_fails_its_requests_refuses_new_ones_and_reports_it(tmp_path
     assert isinstance(errors.get(timeout=30), EngineDeadError)
     with pytest.raises(EngineDeadError, match="engine loop stopped"):
         dead_loop.submit("too-late", [5, 6, 7], SamplingParams(), outputs.put)
+
+
+def test_stopping_fails_the_requests_in_flight_and_refuses_new_ones(tmp_path):
+    """A model unloads with streams open: each hears the end (its response sender is closed while
+    the model is still loaded, issue 21), and nothing is queued to a loop that is gone."""
+    checkpoint = build_tiny_checkpoint("llama", tmp_path / "tiny")
+    engine_loop = EngineLoop(LLMEngine(EngineConfig(model_dir=str(checkpoint), num_kv_blocks=64, block_size=16)))
+    engine_loop.start()
+    outputs: queue.Queue = queue.Queue()
+    errors: queue.Queue = queue.Queue()
+    engine_loop.submit("long", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True), outputs.put,
+                       on_error=errors.put)
+    outputs.get(timeout=30)  # it is decoding
+    engine_loop.stop()
+    error = errors.get(timeout=5)
+    assert isinstance(error, EngineDeadError) and "unloading" in str(error)
+    with pytest.raises(EngineDeadError):
+        engine_loop.submit("late", [5, 6, 7], SamplingParams(max_tokens=2), outputs.put)

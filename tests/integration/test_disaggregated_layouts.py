@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,9 +20,11 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv
+from tests.helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv, wait_until
 
 pytestmark = pytest.mark.integration
+
+GENERATION_MAX_MODEL_LEN = 512  # below the context instances' limit: see the revocation test
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def layout_server(tmp_path_factory):
         "generation_servers:\n  num_instances: 1\n"
         "context_timeout_s: 20\n"
     )
-    settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16"]
+    settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16",
+                f"generation.max_model_len={GENERATION_MAX_MODEL_LEN}"]
     settings += [f"{model}.kv_cache_memory_bytes={256 << 20}" for model in ("context", "generation", "aggregated")]
     settings.append("disaggregated_serving_bls.detailed_metrics=true")  # the router's decisions, per target
     repository = work / "model_repository"
@@ -60,6 +64,27 @@ def test_block_size_and_dtype_conversion_keeps_the_tokens(layout_server, baselin
         assert generate(layout_server, "ensemble", prompt) == baseline[prompt], prompt
     decisions = metric_values(layout_server, "disagg_router_decisions_total")
     assert all(decisions[k] >= 2 for k in decisions if "context/" in k), decisions  # round robin used both
+
+
+def test_kv_of_a_request_the_generation_instance_refuses_is_freed_at_once(layout_server):
+    """The context instance accepts what the generation instance then refuses (its max_model_len
+    is smaller): the client gets a 400, and the orchestrator revokes the KV the context instance
+    published instead of leaving it pinned until its TTL (30 s)."""
+    def pinned_on_context() -> float:
+        return sum(v for k, v in metric_values(layout_server, "disagg_kv_pinned_blocks").items() if "context" in k)
+
+    def disaggregated() -> float:
+        return sum(metric_values(layout_server, "disagg_orchestrator_disaggregated_total").values())
+
+    before = disaggregated()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        generate(layout_server, "ensemble", "word " * 200, max_tokens=GENERATION_MAX_MODEL_LEN)
+    refused_at = time.monotonic()
+    assert refused.value.code == 400
+    assert str(GENERATION_MAX_MODEL_LEN) in refused.value.read().decode()
+    wait_until(lambda: disaggregated() == before + 1, timeout_s=5)  # the context instance did answer
+    wait_until(lambda: pinned_on_context() == 0, timeout_s=10)
+    assert time.monotonic() - refused_at < 3, "the context's KV stayed pinned towards its TTL"
 
 
 def test_killing_a_context_instance_loses_no_request(layout_server, baseline):
