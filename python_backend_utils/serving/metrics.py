@@ -11,13 +11,15 @@ import ctypes
 import triton_python_backend_utils as pb_utils
 
 
-def _keep_for_the_process(family) -> None:
-    """Never destroy `family`: tritonserver keeps one family per name for the whole server, shared
-    by every model instance that names it (each version of a model, their replacements after a
-    reload). Deleting one instance's copy removes it for all of them, and the server then sets
-    freed gauges (heap corruption, seen when a version reloaded next to a live one). Left to the
-    interpreter's exit, its destructor would message a server the stub has already left."""
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(family))
+def _keep_for_the_process(metric) -> None:
+    """Never destroy `metric` (a family or a gauge): tritonserver keeps one family per name for the
+    whole server, shared by every model instance that names it (each version of a model, their
+    replacements after a reload). Deleting one instance's copy removes it for all of them, and the
+    server then sets freed gauges (heap corruption, seen when a version reloaded next to a live
+    one). A deletion is also a message to the server, which may not answer it while it unloads
+    the model (an unload was seen to hang), and left to the interpreter's exit it messages a server
+    the stub has already left. The cost: an unloaded instance's gauges keep their last values."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(metric))
 
 
 class GaugeSet:
@@ -30,16 +32,12 @@ class GaugeSet:
                                            kind=pb_utils.MetricFamily.GAUGE)
             _keep_for_the_process(family)  # it also outlives its gauges, or setting them fails
             self._gauges[name] = family.Metric(labels=labels)
+            _keep_for_the_process(self._gauges[name])
 
     def publish(self, values: dict[str, float]) -> None:
         for name, gauge in self._gauges.items():
             if name in values:
                 gauge.set(float(values[name]))
-
-    def close(self) -> None:
-        """Remove this instance's gauges (its labels) from the server's families, now, while the
-        stub is still connected."""
-        self._gauges.clear()
 
 
 class LabelledGauges:
@@ -56,6 +54,7 @@ class LabelledGauges:
         gauge = self._gauges.get(key)
         if gauge is None:
             gauge = self._gauges[key] = self._family.Metric(labels={**self._labels, **labels})
+            _keep_for_the_process(gauge)
         gauge.set(float(value))
 
 

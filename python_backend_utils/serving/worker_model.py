@@ -123,14 +123,12 @@ class LLMModel:
         Left to the interpreter's exit, the engine, the agent and the gauges sit in reference
         cycles (the loop calls back into this model; a published request's responder holds its
         response sender) that only Py_FinalizeEx collects, after the stub has unmapped its shared
-        memory: the senders' and gauges' destructors then crash the stub (issue 21). The metric
-        families themselves are never destroyed (metrics.py says why). Calling it twice is harmless."""
+        memory: the senders' destructors then crash the stub (issue 21). Metric families and
+        gauges are never destroyed (metrics.py says why). Calling it twice is harmless."""
         if self.loop is not None:
             self.loop.stop()
         if self.transfer is not None:
             self.transfer.close()
-        if self.gauges is not None:
-            self.gauges.close()
         self.loop = self.transfer = self.engine = self.gauges = None
         gc.collect()
 
