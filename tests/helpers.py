@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -76,6 +77,14 @@ def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
         if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
             return used
         time.sleep(0.2)
+
+
+# What a crashed process leaves in a server log (UCX's handler, Triton's own signal report).
+CRASH_LINE = re.compile(r"Caught signal|Segmentation fault|backtrace|Signal \(11\)")
+
+
+def crash_lines(log_text: str) -> list[str]:
+    return [line for line in log_text.splitlines() if CRASH_LINE.search(line)]
 
 
 def wait_until(condition, timeout_s: float, interval_s: float = 0.05):

@@ -218,36 +218,14 @@ AVX2 static void int8_gemv_avx2(const float *x, const int8_t *w, const float *sc
     }
 }
 
-/* fp32 weights, row-major [n, k] as torch keeps them: for one row of x, four weight rows with
- * two accumulators each; for more, pairs of weight rows against tiles of ROWS_AT_ONCE rows of x,
- * the pair staying in L1 between tiles. MKL's sgemm packs the whole weight on every call, which
- * costs more than the product itself at a few rows. */
+/* fp32 weights, row-major [n, k] as torch keeps them: pairs of weight rows against tiles of
+ * ROWS_AT_ONCE rows of x, the pair staying in L1 between tiles. MKL's sgemm packs the whole weight
+ * on every call, which costs more than the product itself at a few rows (linear.SKINNY_FP32_ROWS;
+ * at one row MKL streams the weight as fast as a gemv here did, so the model never asks for it). */
 AVX2 static void fp32_linear_avx2(const float *x, const float *w, const float *bias, float *y,
                                   int64_t m, int64_t n, int64_t k)
 {
-    int64_t n0 = 0;
-    if (m == 1) {
-        for (; n0 + 4 <= n; n0 += 4) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_setzero_ps();
-            const float *row = w + n0 * k;
-            for (int64_t i = 0; i + 16 <= k; i += 16) {
-                __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-                for (int j = 0; j < 4; j++) {
-                    acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + i), x0, acc[2 * j]);
-                    acc[2 * j + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + i + 8), x1, acc[2 * j + 1]);
-                }
-            }
-            if (k % 16)
-                for (int j = 0; j < 4; j++)
-                    acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(row + j * k + k - 8), _mm256_loadu_ps(x + k - 8),
-                                                 acc[2 * j]);
-            for (int j = 0; j < 4; j++)
-                y[n0 + j] = sum8(_mm256_add_ps(acc[2 * j], acc[2 * j + 1])) + (bias ? bias[n0 + j] : 0.0f);
-        }
-    }
-    for (; n0 < n; n0 += 2) {
+    for (int64_t n0 = 0; n0 < n; n0 += 2) {
         WeightPair pair = {NULL, NULL, w + n0 * k, w + (n0 + 1) * k};
         for (int64_t m0 = 0; m0 < m; m0 += ROWS_AT_ONCE) {
             switch (m - m0 < ROWS_AT_ONCE ? m - m0 : ROWS_AT_ONCE) {

@@ -3,20 +3,15 @@ ends every stub without a crash, after UCX endpoints and engines have been used.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.ports import free_server_ports
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import generate
+from tests.helpers import crash_lines, generate
 
 pytestmark = pytest.mark.integration
-
-CRASH = re.compile(r"Caught signal|Segmentation fault|backtrace|Signal \(11\)")
-
 
 @pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
 def test_sigterm_after_serving_stops_without_a_crash(tmp_path, mode):
@@ -29,5 +24,5 @@ def test_sigterm_after_serving_stops_without_a_crash(tmp_path, mode):
     finally:
         server.stop()
     assert server.exit_status == 0, log.read_text()[-3000:]
-    crashes = [line for line in log.read_text().splitlines() if CRASH.search(line)]
+    crashes = crash_lines(log.read_text())
     assert crashes == [], "\n".join(crashes)

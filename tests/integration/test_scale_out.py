@@ -10,7 +10,6 @@ aggregated path (same model, same fp32 KV, greedy).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import time
@@ -25,12 +24,11 @@ from launcher.cli import MODES
 from launcher.ports import free_server_ports
 from launcher.repository import set_parameter
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, generate, metric_values, wait_until
+from tests.helpers import PROMPTS, crash_lines, generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration
 
 HEALTH_CHECK_INTERVAL_S = 0.5
-CRASH_LINE = re.compile(r"Caught signal|Segmentation fault|backtrace")
 
 
 def deployment_text(context_urls: list[str], generation_urls: list[str]) -> str:
@@ -233,5 +231,5 @@ def test_every_server_stops_without_a_crash(cluster):
     for name, server in running.items():
         log = server.log_file.read_text()
         assert server.exit_status == 0, f"{name}: {log[-3000:]}"
-        crashes = [line for line in log.splitlines() if CRASH_LINE.search(line)]
+        crashes = crash_lines(log)
         assert crashes == [], f"{name}: " + "\n".join(crashes)

@@ -26,7 +26,7 @@ from kv_transfer.staging import Staging
 from kv_transfer.transport import Transport
 from kv_transfer.wire import MAC_BYTES, PullDone, PullRequest, check_worker_address, seal, unseal
 from tests.helpers import wait_until
-from tests.kv_transfer.peer import Peer, RogueSender
+from tests.kv_transfer.peer import RogueSender
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=8)
 KEY = b"k" * 32
@@ -35,12 +35,6 @@ OTHER_KEY = b"o" * 32
 
 def agent(name, num_blocks=8, **config):
     return TransferAgent(allocate_kv_pool(LAYOUT, num_blocks), LAYOUT, TransferConfig(name=name, **config))
-
-
-@pytest.fixture(scope="module")
-def peer():
-    with Peer() as p:
-        yield p
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,10 @@ import torch
 
 from kv_transfer import KVHandle, KVLayout, TransferAgent, TransferConfig, allocate_kv_pool
 from tests.helpers import wait_until
-from tests.kv_transfer.peer import Peer, expected_for, token_view
+from tests.kv_transfer.peer import expected_for, token_view
 
 MODEL = KVLayout(num_layers=4, num_kv_heads=4, head_dim=16, block_size=16)
 TOKENS = 75  # not a multiple of any block size used: every case has a partial last block
-
-
-@pytest.fixture(scope="module")
-def peer():
-    with Peer() as p:
-        yield p
 
 
 @pytest.fixture(params=[True, False], ids=["shared-memory", "ucx"])

@@ -25,16 +25,10 @@ from kv_transfer import (
 )
 from kv_transfer.layout import SharedPool
 from tests.helpers import wait_until
-from tests.kv_transfer.peer import Peer, token_view
+from tests.kv_transfer.peer import token_view
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=4, head_dim=32, block_size=16)
 SENDER_BLOCKS = 64
-
-
-@pytest.fixture(scope="module")
-def peer():
-    with Peer() as p:
-        yield p
 
 
 @pytest.fixture
