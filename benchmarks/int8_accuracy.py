@@ -39,7 +39,7 @@ def int8_round_trip(model) -> None:
         for module in [*model.model.layers.modules(), model.lm_head]:
             if isinstance(module, torch.nn.Linear):
                 quantized = Int8Linear(module.weight)
-                module.weight = torch.nn.Parameter(quantized.weight.float() * quantized.scale[:, None])
+                module.weight = torch.nn.Parameter(quantized.dequantized())
 
 
 def greedy_outputs(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> list[list[int]]:

@@ -1,18 +1,13 @@
-/* CPU kernels for the decode step: attention that reads the paged KV pool where it lies, and
- * matrix products with int8 weights.
+/* CPU kernels for the engine: attention that reads the paged KV pool where it lies, and matrix
+ * products with weights packed in panels, fp32 or int8.
  *
  * The torch path gathers every sequence's whole context out of the pool into a padded copy, for
  * every layer of every step, before attention reads it once more: at batch 8 with 1k tokens of
  * context that copy costs more than the step's matrix products. Here each sequence's query heads
  * read their K and V rows straight from the pool's blocks, once per KV head for the whole group
  * of query heads that share it (GQA). Scores and softmax are in fp32; the pool may be fp32 or
- * bf16.
- *
- * int8 weights (one scale per output channel) with fp32 activations: a decode step streams each
- * weight once for a few rows, so a quarter of the bytes is most of a 4x; the activations stay
- * fp32 (quantizing them too, as fbgemm's dynamic linear does, loses this model's outlier
- * channels). The GIL is released. Built with function multiversioning: the loops are compiled for
- * AVX-512, AVX2 and plain x86-64, and the CPU picks at load.
+ * bf16. Attention is built with function multiversioning (AVX-512, AVX2, plain x86-64; the CPU
+ * picks at load); the products pick AVX-512 or AVX2 at run time (see below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -142,214 +137,246 @@ static int decode_attention(const DecodeAttention *a)
     return 0;
 }
 
-#define ROWS_AT_ONCE 4 /* rows of x that share each pass over two weight rows */
+/* Matrix products y = (x @ w^T) * scale + bias for the engine's linear layers, w packed in panels.
+ *
+ * A decode step multiplies a few rows of x by every weight once, so it is bound by how fast the
+ * weights stream from memory, and MKL's sgemm, which re-packs the whole weight on every call,
+ * streams them at a fraction of that for 2 to 32 rows. Here the weight is packed once, at load,
+ * as panels of PANEL output channels: [ceil(n / PANEL)][k][PANEL], zero padded. Each panel is one
+ * sequential stream; a tile of rows of x (packed as [k][block] so each step broadcasts one value a
+ * row) keeps its accumulators in registers while the panel passes once, and the next tile of rows
+ * reads the panel again from L2. x is packed in chunks of ROW_CHUNK rows, so that a prefill's rows
+ * stay in L2 while every panel passes. int8 panels (one scale per output channel) are widened to
+ * fp32 in registers for one tile, or once per panel into `widened` when more tiles share it.
+ * AVX-512 where the CPU has it, AVX2 and FMA otherwise; the GIL is released.
+ */
+#define PANEL 32
+#define ROW_CHUNK 256 /* a multiple of both tiles' rows */
+
+typedef struct {
+    const float *x;      /* [m, k] */
+    const void *panels;  /* [ceil(n / PANEL), k, PANEL], fp32 or int8 */
+    int is_int8;
+    const float *scale;  /* [n] or NULL */
+    const float *bias;   /* [n] or NULL */
+    float *y;            /* [m, n] */
+    int64_t m, n, k;
+} PackedProduct;
+
+/* x rows [0, rows) as [k][block]; rows past `rows` are zero so a short tile reads nothing stale. */
+static void pack_rows(const float *x, int64_t rows, int64_t k, int block, float *packed)
+{
+    for (int64_t b = 0; b * block < rows; b++)
+        for (int64_t i = 0; i < k; i++)
+            for (int r = 0; r < block; r++) {
+                int64_t row = b * block + r;
+                packed[(b * k + i) * block + r] = row < rows ? x[row * k + i] : 0.0f;
+            }
+}
+
+static void widen_panel(const int8_t *panel, int64_t k, float *out)
+{
+    for (int64_t i = 0; i < k * PANEL; i++)
+        out[i] = (float)panel[i];
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f")))
+#define AVX512_ROWS 8 /* 16 accumulators of 16 floats */
+#define AVX2_ROWS 2   /* 8 accumulators of 8 floats, next to the panel's 4 vectors */
+
+/* One tile: `rows` rows of packed x against one panel (fp32, or int8 widened per step), then
+ * scale, bias and a store of the panel's valid columns. `rows` and `int8` are constants at each
+ * call, so the loops unroll and the accumulators stay in registers. */
+AVX512 INLINE void tile_avx512(const float *xp, const float *wf, const int8_t *wq, int64_t k, int rows, int int8,
+                               const float *scale, const float *bias, float *y, int64_t n, int64_t n0)
+{
+    __m512 acc[AVX512_ROWS][2];
+    for (int r = 0; r < rows; r++)
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        __m512 w0, w1;
+        if (int8)
+            _mm_prefetch((const char *)(wq + (k + i) * PANEL), _MM_HINT_T1);
+        else {
+            _mm_prefetch((const char *)(wf + (k + i) * PANEL), _MM_HINT_T1);
+            _mm_prefetch((const char *)(wf + (k + i) * PANEL + 16), _MM_HINT_T1);
+        }
+        if (int8) {
+            w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wq + i * PANEL))));
+            w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wq + i * PANEL + 16))));
+        } else {
+            w0 = _mm512_loadu_ps(wf + i * PANEL);
+            w1 = _mm512_loadu_ps(wf + i * PANEL + 16);
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 xv = _mm512_set1_ps(xp[i * AVX512_ROWS + r]);
+            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+        }
+    }
+    int64_t valid = n - n0;
+    __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+    __mmask16 m1 = valid >= 32 ? 0xFFFF : valid > 16 ? (__mmask16)((1u << (valid - 16)) - 1) : 0;
+    __m512 s0 = scale ? _mm512_maskz_loadu_ps(m0, scale + n0) : _mm512_set1_ps(1.0f);
+    __m512 s1 = scale ? _mm512_maskz_loadu_ps(m1, scale + n0 + 16) : _mm512_set1_ps(1.0f);
+    __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + n0) : _mm512_setzero_ps();
+    __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + n0 + 16) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        _mm512_mask_storeu_ps(y + r * n + n0, m0, _mm512_fmadd_ps(acc[r][0], s0, b0));
+        _mm512_mask_storeu_ps(y + r * n + n0 + 16, m1, _mm512_fmadd_ps(acc[r][1], s1, b1));
+    }
+}
 
 AVX2 INLINE __m256 widen8(const int8_t *p)
 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-AVX2 INLINE float sum8(__m256 v)
+AVX2 INLINE void tile_avx2(const float *xp, const float *wf, const int8_t *wq, int64_t k, int rows, int int8,
+                           const float *scale, const float *bias, float *y, int64_t n, int64_t n0)
 {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* Weight rows n0 and n0 + 1, as int8 (widened on the fly) or as floats widened once for many rows of x. */
-typedef struct {
-    const int8_t *w0, *w1;
-    const float *f0, *f1;
-} WeightPair;
-
-/* y[m, n] = scale[n] * (x[m, :] . w[n, :]) + bias[n] for n in [n0, n0 + 2), m in [m0, m0 + rows). */
-AVX2 INLINE void int8_tile_avx2(const float *x, WeightPair pair, const float *scale, const float *bias, float *y,
-                                int64_t n, int64_t k, int64_t n0, int64_t m0, int rows)
-{
-    __m256 acc0[ROWS_AT_ONCE], acc1[ROWS_AT_ONCE];
+    __m256 acc[AVX2_ROWS][4];
     for (int r = 0; r < rows; r++)
-        acc0[r] = acc1[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) {
-        __m256 a = pair.f0 ? _mm256_loadu_ps(pair.f0 + i) : widen8(pair.w0 + i);
-        __m256 b = pair.f1 ? _mm256_loadu_ps(pair.f1 + i) : widen8(pair.w1 + i);
-        for (int r = 0; r < rows; r++) {
-            __m256 xv = _mm256_loadu_ps(x + (m0 + r) * k + i);
-            acc0[r] = _mm256_fmadd_ps(a, xv, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(b, xv, acc1[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        y[(m0 + r) * n + n0] = sum8(acc0[r]) * (scale ? scale[n0] : 1.0f) + (bias ? bias[n0] : 0.0f);
-        y[(m0 + r) * n + n0 + 1] = sum8(acc1[r]) * (scale ? scale[n0 + 1] : 1.0f) + (bias ? bias[n0 + 1] : 0.0f);
-    }
-}
-
-/* One row of x (decode at batch 1): four weight rows at once, each with two accumulators, so
- * that eight independent FMA chains keep the loads streaming. */
-AVX2 static void int8_gemv_avx2(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                                int64_t n, int64_t k)
-{
-    int64_t n0 = 0;
-    for (; n0 + 4 <= n; n0 += 4) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++)
-            acc[j] = _mm256_setzero_ps();
-        const int8_t *row = w + n0 * k;
-        for (int64_t i = 0; i + 16 <= k; i += 16) {
-            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-            for (int j = 0; j < 4; j++) {
-                acc[2 * j] = _mm256_fmadd_ps(widen8(row + j * k + i), x0, acc[2 * j]);
-                acc[2 * j + 1] = _mm256_fmadd_ps(widen8(row + j * k + i + 8), x1, acc[2 * j + 1]);
-            }
-        }
-        if (k % 16)
-            for (int j = 0; j < 4; j++)
-                acc[2 * j] = _mm256_fmadd_ps(widen8(row + j * k + k - 8), _mm256_loadu_ps(x + k - 8), acc[2 * j]);
         for (int j = 0; j < 4; j++)
-            y[n0 + j] = sum8(_mm256_add_ps(acc[2 * j], acc[2 * j + 1])) * scale[n0 + j] + (bias ? bias[n0 + j] : 0.0f);
+            acc[r][j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        __m256 w[4];
+        for (int j = 0; j < 4; j++)
+            w[j] = int8 ? widen8(wq + i * PANEL + 8 * j) : _mm256_loadu_ps(wf + i * PANEL + 8 * j);
+        for (int r = 0; r < rows; r++) {
+            __m256 xv = _mm256_broadcast_ss(xp + i * AVX2_ROWS + r);
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = _mm256_fmadd_ps(w[j], xv, acc[r][j]);
+        }
     }
-    for (; n0 < n; n0 += 2) {
-        WeightPair pair = {w + n0 * k, w + (n0 + 1) * k, NULL, NULL};
-        int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, 0, 1);
+    int64_t valid = n - n0 < PANEL ? n - n0 : PANEL;
+    for (int r = 0; r < rows; r++) {
+        float sums[PANEL];
+        for (int j = 0; j < 4; j++)
+            _mm256_storeu_ps(sums + 8 * j, acc[r][j]);
+        for (int64_t c = 0; c < valid; c++)
+            y[r * n + n0 + c] = sums[c] * (scale ? scale[n0 + c] : 1.0f) + (bias ? bias[n0 + c] : 0.0f);
     }
 }
 
-/* fp32 weights, row-major [n, k] as torch keeps them: pairs of weight rows against tiles of
- * ROWS_AT_ONCE rows of x, the pair staying in L1 between tiles. MKL's sgemm packs the whole weight
- * on every call, which costs more than the product itself at a few rows (linear.SKINNY_FP32_ROWS;
- * at one row MKL streams the weight as fast as a gemv here did, so the model never asks for it). */
-AVX2 static void fp32_linear_avx2(const float *x, const float *w, const float *bias, float *y,
-                                  int64_t m, int64_t n, int64_t k)
-{
-    for (int64_t n0 = 0; n0 < n; n0 += 2) {
-        WeightPair pair = {NULL, NULL, w + n0 * k, w + (n0 + 1) * k};
-        for (int64_t m0 = 0; m0 < m; m0 += ROWS_AT_ONCE) {
-            switch (m - m0 < ROWS_AT_ONCE ? m - m0 : ROWS_AT_ONCE) {
-            case 1: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 1); break;
-            case 2: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 2); break;
-            case 3: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 3); break;
-            default: int8_tile_avx2(x, pair, NULL, bias, y, n, k, n0, m0, 4); break;
-            }
-        }
+/* The tiles of one panel for `rows` rows of packed x; `tile` is one of the two above. */
+#define PANEL_TILES(tile, block, xp, rows, wf, wq, int8, p, y, n0)                                              \
+    for (int64_t b = 0; b * (block) < (rows); b++) {                                                           \
+        const float *xb = (xp) + b * (block) * (p)->k;                                                         \
+        float *yb = (y) + b * (block) * (p)->n;                                                                \
+        int left = (rows) - b * (block) < (block) ? (int)((rows) - b * (block)) : (block);                     \
+        if (left == (block))                                                                                   \
+            tile(xb, wf, wq, (p)->k, block, int8, (p)->scale, (p)->bias, yb, (p)->n, n0);                      \
+        else                                                                                                   \
+            switch (left) {                                                                                    \
+            case 1: tile(xb, wf, wq, (p)->k, 1 < (block) ? 1 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            case 2: tile(xb, wf, wq, (p)->k, 2 < (block) ? 2 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            case 3: tile(xb, wf, wq, (p)->k, 3 < (block) ? 3 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            case 4: tile(xb, wf, wq, (p)->k, 4 < (block) ? 4 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            case 5: tile(xb, wf, wq, (p)->k, 5 < (block) ? 5 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            case 6: tile(xb, wf, wq, (p)->k, 6 < (block) ? 6 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;           \
+            default: tile(xb, wf, wq, (p)->k, 7 < (block) ? 7 : (block), int8, (p)->scale, (p)->bias, yb, (p)->n, n0); break;          \
+            }                                                                                                  \
     }
-}
 
-/* `widened` holds 2k floats: with more rows of x than one tile, each weight pair is widened once. */
-AVX2 static void int8_linear_avx2(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                                  int64_t m, int64_t n, int64_t k, float *widened)
-{
-    for (int64_t n0 = 0; n0 < n; n0 += 2) {
-        WeightPair pair = {w + n0 * k, w + (n0 + 1) * k, NULL, NULL};
-        if (m > ROWS_AT_ONCE) {
-            for (int64_t i = 0; i < k; i += 8) {
-                _mm256_storeu_ps(widened + i, widen8(pair.w0 + i));
-                _mm256_storeu_ps(widened + k + i, widen8(pair.w1 + i));
-            }
-            pair.f0 = widened;
-            pair.f1 = widened + k;
-        }
-        /* `rows` is a constant in each call below, so the accumulators live in registers. */
-        for (int64_t m0 = 0; m0 < m; m0 += ROWS_AT_ONCE) {
-            switch (m - m0 < ROWS_AT_ONCE ? m - m0 : ROWS_AT_ONCE) {
-            case 1: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 1); break;
-            case 2: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 2); break;
-            case 3: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 3); break;
-            default: int8_tile_avx2(x, pair, scale, bias, y, n, k, n0, m0, 4); break;
-            }
-        }
+#define PACKED_PRODUCT(name, target, tile, block)                                                               \
+    target static void name(const PackedProduct *p, float *xp, float *widened)                                  \
+    {                                                                                                          \
+        for (int64_t m0 = 0; m0 < p->m; m0 += ROW_CHUNK) {                                                     \
+            int64_t rows = p->m - m0 < ROW_CHUNK ? p->m - m0 : ROW_CHUNK;                                      \
+            float *y = p->y + m0 * p->n;                                                                       \
+            pack_rows(p->x + m0 * p->k, rows, p->k, block, xp);                                                \
+            for (int64_t n0 = 0; n0 < p->n; n0 += PANEL) {                                                     \
+                int64_t panel = n0 / PANEL * p->k * PANEL;                                                     \
+                if (!p->is_int8) {                                                                             \
+                    const float *wf = (const float *)p->panels + panel;                                        \
+                    PANEL_TILES(tile, block, xp, rows, wf, (const int8_t *)NULL, 0, p, y, n0)                  \
+                } else if (rows > (block)) {                                                                   \
+                    widen_panel((const int8_t *)p->panels + panel, p->k, widened);                             \
+                    PANEL_TILES(tile, block, xp, rows, widened, (const int8_t *)NULL, 0, p, y, n0)             \
+                } else {                                                                                       \
+                    const int8_t *wq = (const int8_t *)p->panels + panel;                                      \
+                    PANEL_TILES(tile, block, xp, rows, (const float *)NULL, wq, 1, p, y, n0)                   \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-}
 
-static int have_avx2(void)
+PACKED_PRODUCT(packed_product_avx512, AVX512, tile_avx512, AVX512_ROWS)
+PACKED_PRODUCT(packed_product_avx2, AVX2, tile_avx2, AVX2_ROWS)
+
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+static int best_isa(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#else
-static int have_avx2(void) { return 0; }
-#endif
-
-static void int8_linear_portable(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                                 int64_t m, int64_t n, int64_t k)
-{
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t c = 0; c < n; c++) {
-            float sum = 0.0f;
-            for (int64_t i = 0; i < k; i++)
-                sum += x[r * k + i] * (float)w[c * k + i];
-            y[r * n + c] = sum * scale[c] + (bias ? bias[c] : 0.0f);
-        }
+    if (__builtin_cpu_supports("avx512f"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return ISA_AVX2;
+    return ISA_NONE;
 }
 
-static int int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                       int64_t m, int64_t n, int64_t k)
+/* 0, or -1 when out of memory. `isa` is one the CPU has (checked by the caller). */
+static int packed_product(const PackedProduct *p, int isa)
 {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (have_avx2() && m == 1) {
-        int8_gemv_avx2(x, w, scale, bias, y, n, k);
-        return 0;
-    }
-    if (have_avx2()) {
-        float *widened = malloc(2 * k * sizeof(float));
-        if (!widened)
-            return -1;
-        int8_linear_avx2(x, w, scale, bias, y, m, n, k, widened);
+    int block = isa == ISA_AVX512 ? AVX512_ROWS : AVX2_ROWS;
+    int64_t chunk = p->m < ROW_CHUNK ? (p->m + block - 1) / block * block : ROW_CHUNK;
+    float *xp = malloc(chunk * p->k * sizeof(float));
+    float *widened = p->is_int8 ? malloc(p->k * PANEL * sizeof(float)) : NULL;
+    if (!xp || (p->is_int8 && !widened)) {
+        free(xp);
         free(widened);
-        return 0;
+        return -1;
     }
-#endif
-    int8_linear_portable(x, w, scale, bias, y, m, n, k);
+    if (isa == ISA_AVX512)
+        packed_product_avx512(p, xp, widened);
+    else
+        packed_product_avx2(p, xp, widened);
+    free(xp);
+    free(widened);
     return 0;
 }
-
-/* fp32_linear(x, w, bias or 0, y, m, n, k): x [m, k], w [n, k], bias [n], y [m, n], all fp32. */
-static PyObject *py_fp32_linear(PyObject *self, PyObject *args)
-{
-    unsigned long long x, w, bias, y;
-    long long m, n, k;
-    if (!PyArg_ParseTuple(args, "KKKKLLL:fp32_linear", &x, &w, &bias, &y, &m, &n, &k))
-        return NULL;
-    if (m <= 0 || n <= 0 || n % 2 || k % 8 || !have_avx2()) {
-        PyErr_SetString(PyExc_ValueError, "n must be even, k a multiple of 8, and the CPU must have AVX2 and FMA");
-        return NULL;
-    }
-#if defined(__x86_64__) && defined(__GNUC__)
-    Py_BEGIN_ALLOW_THREADS
-    fp32_linear_avx2((const float *)(uintptr_t)x, (const float *)(uintptr_t)w,
-                     bias ? (const float *)(uintptr_t)bias : NULL, (float *)(uintptr_t)y, m, n, k);
-    Py_END_ALLOW_THREADS
+#else
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int best_isa(void) { return ISA_NONE; }
+static int packed_product(const PackedProduct *p, int isa) { return -1; }
 #endif
-    Py_RETURN_NONE;
-}
 
-static PyObject *py_has_avx2(PyObject *self, PyObject *unused)
+/* packed_linear(x, panels, is_int8, scale or 0, bias or 0, y, m, n, k, isa): addresses of
+ * contiguous tensors; isa 2 is AVX-512, 1 AVX2 (tests run both where the CPU has them). */
+static PyObject *py_packed_linear(PyObject *self, PyObject *args)
 {
-    return PyBool_FromLong(have_avx2());
-}
-
-/* int8_linear(x, w, scale, bias or 0, y, m, n, k): x fp32 [m, k], w int8 [n, k], scale/bias fp32 [n]. */
-static PyObject *py_int8_linear(PyObject *self, PyObject *args)
-{
-    unsigned long long x, w, scale, bias, y;
+    unsigned long long x, panels, scale, bias, y;
+    int is_int8, isa;
     long long m, n, k;
-    if (!PyArg_ParseTuple(args, "KKKKKLLL:int8_linear", &x, &w, &scale, &bias, &y, &m, &n, &k))
+    if (!PyArg_ParseTuple(args, "KKpKKKLLLi:packed_linear", &x, &panels, &is_int8, &scale, &bias, &y, &m, &n, &k,
+                          &isa))
         return NULL;
-    if (m <= 0 || n <= 0 || n % 2 || k % 8) {
-        PyErr_SetString(PyExc_ValueError, "n must be even and k a multiple of 8");
+    if (m <= 0 || n <= 0 || k <= 0 || isa < ISA_AVX2 || isa > best_isa()) {
+        PyErr_SetString(PyExc_ValueError, "m, n and k must be positive and isa one this CPU has (see best_isa())");
         return NULL;
     }
+    PackedProduct p = {
+        (const float *)(uintptr_t)x, (const void *)(uintptr_t)panels, is_int8,
+        scale ? (const float *)(uintptr_t)scale : NULL, bias ? (const float *)(uintptr_t)bias : NULL,
+        (float *)(uintptr_t)y, m, n, k,
+    };
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = int8_linear((const float *)(uintptr_t)x, (const int8_t *)(uintptr_t)w, (const float *)(uintptr_t)scale,
-                         bias ? (const float *)(uintptr_t)bias : NULL, (float *)(uintptr_t)y, m, n, k);
+    failed = packed_product(&p, isa);
     Py_END_ALLOW_THREADS
     if (failed)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_best_isa(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(best_isa());
 }
 
 /* decode_attention(query, pool, pool_is_bf16, tables, lengths, out, batch, heads, kv_heads, head_dim,
@@ -383,11 +410,11 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
+    {"best_isa", py_best_isa, METH_NOARGS, "2 with AVX-512, 1 with AVX2 and FMA, 0 without (no packed_linear)."},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Attention of one new token per sequence over its paged KV, read in place."},
-    {"fp32_linear", py_fp32_linear, METH_VARARGS, "y = x @ w^T + bias for a few rows of x (AVX2 and FMA)."},
-    {"has_avx2", py_has_avx2, METH_NOARGS, "Whether this CPU has AVX2 and FMA (fp32_linear needs them)."},
-    {"int8_linear", py_int8_linear, METH_VARARGS, "y = (x @ w^T) * scale + bias with int8 w, fp32 x and y."},
+    {"packed_linear", py_packed_linear, METH_VARARGS,
+     "y = (x @ w^T) * scale + bias with w packed in panels of 32 output channels, fp32 or int8."},
     {NULL, NULL, 0, NULL},
 };
 

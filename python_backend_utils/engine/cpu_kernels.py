@@ -39,31 +39,38 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, tables: torch.Tens
     return out
 
 
-def int8_linear_applies(weight: torch.Tensor) -> bool:
-    return (_cpu_kernels is not None and weight.device.type == "cpu" and weight.dtype == torch.int8
-            and weight.shape[0] % 2 == 0 and weight.shape[1] % 8 == 0)
+# Output channels per panel of a packed weight (PANEL in _cpu_kernels.c).
+PANEL = 32
+# What the CPU runs packed products with: 2 AVX-512, 1 AVX2 and FMA, 0 neither (no packing).
+BEST_ISA = _cpu_kernels.best_isa() if _cpu_kernels is not None else 0
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(x @ weight^T) * scale + bias: x fp32 [m, k] contiguous, weight int8 [n, k], scale and bias fp32 [n]."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    with record_function("cpu_kernels::int8_gemm"):
-        _cpu_kernels.int8_linear(x.data_ptr(), weight.data_ptr(), scale.data_ptr(),
-                                 0 if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
-                                 weight.shape[1])
-    return out
+def packing_applies(weight: torch.Tensor) -> bool:
+    return BEST_ISA > 0 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.int8) \
+        and weight.dim() == 2
 
 
-def fp32_linear_applies(weight: torch.Tensor) -> bool:
-    return (_cpu_kernels is not None and _cpu_kernels.has_avx2() and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.is_contiguous() and weight.dim() == 2
-            and weight.shape[0] % 2 == 0 and weight.shape[1] % 8 == 0)
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[n, k] -> [ceil(n / PANEL), k, PANEL]: each panel of output channels one sequential stream."""
+    n, k = weight.shape
+    padded = torch.cat([weight, weight.new_zeros((-n) % PANEL, k)]) if n % PANEL else weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
-def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight^T + bias for fp32 x [m, k] contiguous, weight [n, k] contiguous, bias [n]."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    with record_function("cpu_kernels::skinny_gemm"):
-        _cpu_kernels.fp32_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                 out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1])
+def unpack_rows(panels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the weight that `pack` made `panels` of: an embedding lookup in a tied LM head."""
+    return panels[rows // PANEL, :, rows % PANEL]
+
+
+def packed_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, scale: torch.Tensor | None,
+                  bias: torch.Tensor | None, isa: int = BEST_ISA) -> torch.Tensor:
+    """(x @ weight^T) * scale + bias: x fp32 [m, k] contiguous, panels from `pack` (fp32 or int8), scale and
+    bias fp32 [out_features] or None."""
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if not x.shape[0]:
+        return out
+    with record_function("cpu_kernels::packed_gemm"):  # named in profiles (benchmarks.profile_engine)
+        _cpu_kernels.packed_linear(x.data_ptr(), panels.data_ptr(), panels.dtype == torch.int8,
+                                   0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                   out.data_ptr(), x.shape[0], out_features, x.shape[1], isa)
     return out

@@ -1,13 +1,17 @@
 """The model's matrix products: dense weights, or int8 weights for CPU decode.
 
-A decode step streams every weight matrix once for a handful of rows. In fp32 that is 4 bytes a
-parameter; with `weight_quantization = "int8"` each output channel of a weight is stored as int8
-with its own scale (1 byte a parameter) and, below PREFILL_ROWS rows, the C kernel multiplies
-the fp32 activations by it directly (`cpu_kernels.int8_linear`). Activations stay fp32: quantizing
-them too (fbgemm's dynamic linear) loses the outlier channels of models like the default one, and
-its answers change. Larger products (prefill) widen the weight to fp32 for the call, where the
-time goes to arithmetic rather than to reading weights. The embedding and norms stay in the
-model's dtype; benchmarks/RESULTS.md states the accuracy cost.
+On a CPU with AVX2 or AVX-512 (and the C kernels built), every weight is packed once, at load,
+in panels of output channels (`cpu_kernels.pack`), and every product runs in the C kernel: a
+decode step streams each weight once for a handful of rows, which MKL's sgemm does at a fraction
+of the memory's pace because it re-packs the weight on every call (benchmarks/RESULTS.md,
+section 7); for a prefill's hundreds of rows the kernel is within a few percent of MKL. Elsewhere
+(a GPU, or no kernel) the weight stays [n, k] and F.linear runs.
+
+With `weight_quantization = "int8"` each output channel is stored as int8 with its own scale (1
+byte a parameter instead of 4) and the kernel multiplies the fp32 activations by it directly.
+Activations stay fp32: quantizing them too (fbgemm's dynamic linear) loses the outlier channels of
+models like the default one, and its answers change. The embedding and norms stay in the model's
+dtype; benchmarks/RESULTS.md states the accuracy cost.
 """
 
 from __future__ import annotations
@@ -17,23 +21,27 @@ import torch.nn.functional as F
 
 from python_backend_utils.engine import cpu_kernels
 
-# Rows from which widening the weight for MKL beats the int8 kernel (benchmarks/RESULTS.md).
-PREFILL_ROWS = 64
-# Rows for which the fp32 kernel beats MKL's sgemm, which packs the weight on every call: 1.2-1.3x
-# at 4-8 rows here; at 1-2 rows both stream the weight at the same pace, past 12 MKL wins.
-SKINNY_FP32_ROWS = range(4, 13)
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight
+        self.out_features = weight.shape[0]
         self.bias = bias
-        self.uses_kernel = cpu_kernels.fp32_linear_applies(weight)
+        self.packed = weight.dtype == torch.float32 and cpu_kernels.packing_applies(weight)
+        self.weight = cpu_kernels.pack(weight) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernel and x.dim() == 2 and x.shape[0] in SKINNY_FP32_ROWS:
-            return cpu_kernels.fp32_linear(x.contiguous(), self.weight, self.bias)
+        if self.packed:
+            out = cpu_kernels.packed_linear(_rows(x), self.weight, self.out_features, None, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+    def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the [n, k] weight: the embedding lookup of a tied LM head."""
+        return cpu_kernels.unpack_rows(self.weight, rows) if self.packed else F.embedding(rows, self.weight)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
@@ -44,18 +52,27 @@ class Int8Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         weight = weight.detach().float()
+        self.out_features = weight.shape[0]
         self.scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).contiguous()
-        self.weight = (weight / self.scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        quantized = (weight / self.scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.uses_kernel = cpu_kernels.int8_linear_applies(self.weight)
+        self.packed = cpu_kernels.packing_applies(quantized)
+        self.weight = cpu_kernels.pack(quantized) if self.packed else quantized
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-        if self.uses_kernel and rows.shape[0] < PREFILL_ROWS:
-            out = cpu_kernels.int8_linear(rows, self.weight, self.scale, self.bias)
+        rows = _rows(x.float())
+        if self.packed:
+            out = cpu_kernels.packed_linear(rows, self.weight, self.out_features, self.scale, self.bias)
         else:
-            out = F.linear(rows, self.weight.float() * self.scale[:, None], self.bias)
-        return out.view(*x.shape[:-1], -1).to(x.dtype)
+            out = F.linear(rows, self.dequantized(), self.bias)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 [n, k] weight this layer multiplies by."""
+        weight = self.weight
+        if self.packed:
+            weight = weight.transpose(1, 2).reshape(-1, weight.shape[1])[: self.out_features]
+        return weight.float() * self.scale[:, None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)

@@ -148,9 +148,11 @@ class PagedCausalLM:
             return make_linear(take(weight), take(bias), self.quantization)
 
         body = hf_model.model
-        self.embed = take(body.embed_tokens.weight)
         self.final_norm = take(body.norm.weight)
         self.lm_head = linear(hf_model.lm_head.weight)
+        tied = body.embed_tokens.weight.data_ptr() == hf_model.lm_head.weight.data_ptr()
+        # A tied LM head is the embedding: packed, it is looked up in its panels rather than kept twice.
+        self.embed = None if tied and isinstance(self.lm_head, DenseLinear) else take(body.embed_tokens.weight)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -194,7 +196,8 @@ class PagedCausalLM:
         """Run one step over the chunks; write their KV into `pool`; return logits of the sampling chunks."""
         shape = self.shape
         plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
-        hidden = F.embedding(plan.input_ids, self.embed)
+        hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
+                  else F.embedding(plan.input_ids, self.embed))
         cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         for index, layer in enumerate(self.layers):
@@ -220,7 +223,7 @@ class PagedCausalLM:
             gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
             hidden = residual + layer.down(F.silu(gate) * up)
         last = self._norm(hidden[plan.sample_rows], self.final_norm)
-        if last.shape[0] == 1 or not isinstance(self.lm_head, DenseLinear):
+        if last.shape[0] == 1 or not isinstance(self.lm_head, DenseLinear) or self.lm_head.packed:
             return self.lm_head(last)
         # With MKL, for several rows the vocabulary-major product is faster than F.linear's, which
         # packs the whole vocabulary-row matrix for a handful of rows (benchmarks/RESULTS.md).

@@ -43,31 +43,51 @@ def test_shapes_the_kernel_does_not_cover_take_the_torch_path():
     assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 1, 2, 4, 1, 32, dtype=torch.float16), 32)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 33, 64])
-def test_int8_linear_equals_the_dequantized_product(rows):
-    from python_backend_utils.engine.linear import PREFILL_ROWS, Int8Linear
+ISAS = [isa for isa in (1, 2) if isa <= cpu_kernels.BEST_ISA]  # AVX2, AVX-512: each the CPU has
 
-    generator = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(98, 72, generator=generator), torch.randn(98, generator=generator)
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17, 300])
+@pytest.mark.parametrize("out_features", [98, 64, 7])  # a partial last panel, whole panels, less than one
+def test_packed_linear_equals_torch(isa, rows, out_features):
+    generator = torch.Generator().manual_seed(rows * out_features)
+    weight = torch.randn(out_features, 72, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
     x = torch.randn(rows, 72, generator=generator)
+    got = cpu_kernels.packed_linear(x, cpu_kernels.pack(weight), out_features, None, bias, isa)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 7, 8, 33, 300])  # one tile widens in registers, more widen the panel once
+def test_packed_int8_linear_equals_the_dequantized_product(isa, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, (98, 72), generator=generator, dtype=torch.int8)
+    scale, bias = torch.rand(98, generator=generator) + 0.5, torch.randn(98, generator=generator)
+    x = torch.randn(rows, 72, generator=generator)
+    got = cpu_kernels.packed_linear(x, cpu_kernels.pack(weight), 98, scale, bias, isa)
+    torch.testing.assert_close(got, F.linear(x, weight.float() * scale[:, None], bias), atol=1e-3, rtol=1e-5)
+
+
+def test_int8_linear_is_within_quantization_error_of_fp32():
+    from python_backend_utils.engine.linear import Int8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(98, 72, generator=generator), torch.randn(98, generator=generator)
+    x = torch.randn(5, 72, generator=generator)
     linear = Int8Linear(weight, bias)
-    assert linear.uses_kernel
-    dequantized = linear.weight.float() * linear.scale[:, None]
-    torch.testing.assert_close(linear(x), F.linear(x, dequantized, bias), atol=1e-4, rtol=1e-4)
-    # Quantization itself costs little: per-channel int8 is within a few percent of the fp32 product.
+    assert linear.packed
+    torch.testing.assert_close(linear(x), F.linear(x, linear.dequantized(), bias), atol=1e-4, rtol=1e-4)
     exact = F.linear(x, weight, bias)
     assert ((linear(x) - exact).norm() / exact.norm()).item() < 0.02
-    if rows < PREFILL_ROWS:
-        assert not torch.equal(linear(x), F.linear(x, weight, bias))  # it really is the int8 weight
+    assert not torch.equal(linear(x), exact)  # it really is the int8 weight
 
 
-@pytest.mark.parametrize("rows", [4, 7, 12])
-def test_fp32_linear_equals_torch(rows):
-    from python_backend_utils.engine.linear import SKINNY_FP32_ROWS, DenseLinear
+def test_a_packed_weight_gives_back_its_rows():
+    from python_backend_utils.engine.linear import DenseLinear
 
-    generator = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(98, 72, generator=generator), torch.randn(98, generator=generator)
-    x = torch.randn(rows, 72, generator=generator)
-    linear = DenseLinear(weight, bias)
-    assert linear.uses_kernel and rows in SKINNY_FP32_ROWS
-    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    weight = torch.randn(70, 16)
+    linear = DenseLinear(weight)
+    assert linear.packed and linear.weight.shape == (3, 16, 32)
+    rows = torch.tensor([0, 69, 31, 32, 5])
+    assert torch.equal(linear.weight_rows(rows), weight[rows])
