@@ -409,8 +409,212 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* One decode step's transformer layers in one call, for steps where every sequence brings one
+ * new token: per layer, RMSNorm, the QKV product, (per-head RMSNorm,) rotary embedding, the new
+ * K and V written into the pool, attention over the pool in place, the output product and
+ * residual, RMSNorm, the gate/up product, SiLU(gate) * up, the down product and residual. The
+ * same arithmetic as the model's torch path (paged_causal_lm.py), without the ~20 operator calls
+ * a layer costs there, which at a few rows take as long as streaming the weights. */
+typedef struct {
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* q_norm, k_norm: NULL unless the model has them */
+    PackedProduct qkv, o, gate_up, down;                   /* x, y and m are filled in per step */
+} DecodeLayer;
+
+typedef struct {
+    int64_t tokens, hidden, heads, kv_heads, head_dim, intermediate, layers, block_size, table_width;
+    float eps;
+    float *state;            /* [tokens, hidden]: the embeddings in, the last layer's output out */
+    const float *cos, *sin;  /* [tokens, head_dim] at each token's position */
+    const int64_t *rows;     /* [tokens] pool row of layer 0's K for each new token */
+    void *pool;              /* [blocks, layers, 2, block_size, kv_heads, head_dim] fp32 or bf16 */
+    int pool_is_bf16;
+    const int32_t *tables, *lengths;
+} DecodeStep;
+
+static void rms_norm(const float *x, const float *weight, float eps, int64_t n, float *out)
+{
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        squares += x[i] * x[i];
+    float inverse = 1.0f / sqrtf(squares / n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = x[i] * inverse * weight[i];
+}
+
+/* x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]), in place. */
+static void rotate(float *x, const float *cos, const float *sin, int64_t d)
+{
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* fp32 to bf16 as torch rounds it: to nearest, ties to even (NaN stays NaN). */
+static uint16_t to_bf16(float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000)
+        return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static void store_row(void *pool, int is_bf16, int64_t offset, const float *row, int64_t n)
+{
+    if (!is_bf16) {
+        memcpy((float *)pool + offset, row, n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)pool + offset;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = to_bf16(row[i]);
+}
+
+static int run_product(PackedProduct p, const float *x, float *y, int64_t m, int isa)
+{
+    p.x = x;
+    p.y = y;
+    p.m = m;
+    return packed_product(&p, isa);
+}
+
+static int decode_step(const DecodeStep *s, const DecodeLayer *layers, int isa)
+{
+    const int64_t t_count = s->tokens, h = s->hidden, d = s->head_dim;
+    const int64_t q_width = s->heads * d, kv_width = s->kv_heads * d, qkv_width = q_width + 2 * kv_width;
+    const int64_t inter = s->intermediate;
+    float *normed = malloc(t_count * h * sizeof(float));
+    float *qkv = malloc(t_count * qkv_width * sizeof(float));
+    float *query = malloc(t_count * q_width * sizeof(float));
+    float *attended = malloc(t_count * q_width * sizeof(float));
+    float *projected = malloc(t_count * h * sizeof(float));
+    float *gate_up = malloc(t_count * 2 * inter * sizeof(float));
+    float *activated = malloc(t_count * inter * sizeof(float));
+    int failed = !normed || !qkv || !query || !attended || !projected || !gate_up || !activated;
+    const int64_t token_stride = kv_width, layer_rows = 2 * s->block_size;
+    for (int64_t l = 0; l < s->layers && !failed; l++) {
+        const DecodeLayer *layer = &layers[l];
+        for (int64_t t = 0; t < t_count; t++)
+            rms_norm(s->state + t * h, layer->input_norm, s->eps, h, normed + t * h);
+        failed |= run_product(layer->qkv, normed, qkv, t_count, isa);
+        for (int64_t t = 0; t < t_count && !failed; t++) {
+            float *row = qkv + t * qkv_width;
+            for (int64_t head = 0; head < s->heads + s->kv_heads; head++) {
+                float *x = row + head * d;
+                const float *norm = head < s->heads ? layer->q_norm : layer->k_norm;
+                if (norm)
+                    rms_norm(x, norm, s->eps, d, x);
+                rotate(x, s->cos + t * d, s->sin + t * d, d);
+            }
+            memcpy(query + t * q_width, row, q_width * sizeof(float));
+            int64_t key_row = s->rows[t] + l * layer_rows;
+            store_row(s->pool, s->pool_is_bf16, key_row * token_stride, row + q_width, kv_width);
+            store_row(s->pool, s->pool_is_bf16, (key_row + s->block_size) * token_stride, row + q_width + kv_width,
+                      kv_width);
+        }
+        if (failed)
+            break;
+        DecodeAttention attention = {
+            query, s->pool, s->pool_is_bf16, s->tables, s->lengths, attended,
+            t_count, s->heads, s->kv_heads, d, s->block_size, l, s->layers, s->table_width, 1.0f / sqrtf((float)d),
+        };
+        failed |= decode_attention(&attention);
+        failed |= run_product(layer->o, attended, projected, t_count, isa);
+        for (int64_t i = 0; i < t_count * h; i++)
+            s->state[i] += projected[i];
+        for (int64_t t = 0; t < t_count; t++)
+            rms_norm(s->state + t * h, layer->post_norm, s->eps, h, normed + t * h);
+        failed |= run_product(layer->gate_up, normed, gate_up, t_count, isa);
+        for (int64_t t = 0; t < t_count; t++)
+            for (int64_t i = 0; i < inter; i++) {
+                float gate = gate_up[t * 2 * inter + i];
+                activated[t * inter + i] = gate / (1.0f + expf(-gate)) * gate_up[t * 2 * inter + inter + i];
+            }
+        failed |= run_product(layer->down, activated, projected, t_count, isa);
+        for (int64_t i = 0; i < t_count * h; i++)
+            s->state[i] += projected[i];
+    }
+    free(normed);
+    free(qkv);
+    free(query);
+    free(attended);
+    free(projected);
+    free(gate_up);
+    free(activated);
+    return failed ? -1 : 0;
+}
+
+/* Fields of one layer in decode_layers' table of int64 words: addresses, 0 for none. */
+enum { L_INPUT_NORM, L_POST_NORM, L_Q_NORM, L_K_NORM, L_QKV, L_QKV_SCALE, L_QKV_BIAS, L_O, L_O_SCALE, L_GATE_UP,
+       L_GATE_UP_SCALE, L_DOWN, L_DOWN_SCALE, LAYER_FIELDS };
+
+static PackedProduct product_of(const int64_t *fields, int panels, int scale, int bias, int is_int8, int64_t n,
+                                int64_t k)
+{
+    PackedProduct p = {NULL, (const void *)(uintptr_t)fields[panels], is_int8,
+                       fields[scale] ? (const float *)(uintptr_t)fields[scale] : NULL,
+                       bias >= 0 && fields[bias] ? (const float *)(uintptr_t)fields[bias] : NULL, NULL, 0, n, k};
+    return p;
+}
+
+/* decode_layers(table, is_int8, state, cos, sin, rows, pool, pool_is_bf16, tables, lengths, tokens, hidden,
+ *               heads, kv_heads, head_dim, intermediate, layers, block_size, table_width, eps, isa) */
+static PyObject *py_decode_layers(PyObject *self, PyObject *args)
+{
+    unsigned long long table, state, cos, sin, rows, pool, tables, lengths;
+    int is_int8, is_bf16, isa;
+    long long tokens, hidden, heads, kv_heads, head_dim, intermediate, layers, block_size, width;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KpKKKKKpKKLLLLLLLLLfi:decode_layers", &table, &is_int8, &state, &cos, &sin, &rows,
+                          &pool, &is_bf16, &tables, &lengths, &tokens, &hidden, &heads, &kv_heads, &head_dim,
+                          &intermediate, &layers, &block_size, &width, &eps, &isa))
+        return NULL;
+    if (tokens <= 0 || layers <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim % LANES || head_dim % 2 ||
+        isa < ISA_AVX2 || isa > best_isa()) {
+        PyErr_SetString(PyExc_ValueError, "heads must be a multiple of kv_heads, head_dim of 16, and isa one this "
+                        "CPU has");
+        return NULL;
+    }
+    DecodeLayer *decode = malloc(layers * sizeof(DecodeLayer));
+    if (!decode)
+        return PyErr_NoMemory();
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
+    for (long long l = 0; l < layers; l++) {
+        const int64_t *f = (const int64_t *)(uintptr_t)table + l * LAYER_FIELDS;
+        DecodeLayer layer = {
+            (const float *)(uintptr_t)f[L_INPUT_NORM], (const float *)(uintptr_t)f[L_POST_NORM],
+            f[L_Q_NORM] ? (const float *)(uintptr_t)f[L_Q_NORM] : NULL,
+            f[L_K_NORM] ? (const float *)(uintptr_t)f[L_K_NORM] : NULL,
+            product_of(f, L_QKV, L_QKV_SCALE, L_QKV_BIAS, is_int8, qkv_width, hidden),
+            product_of(f, L_O, L_O_SCALE, -1, is_int8, hidden, heads * head_dim),
+            product_of(f, L_GATE_UP, L_GATE_UP_SCALE, -1, is_int8, 2 * intermediate, hidden),
+            product_of(f, L_DOWN, L_DOWN_SCALE, -1, is_int8, hidden, intermediate),
+        };
+        decode[l] = layer;
+    }
+    DecodeStep step = {
+        tokens, hidden, heads, kv_heads, head_dim, intermediate, layers, block_size, width, eps,
+        (float *)(uintptr_t)state, (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin,
+        (const int64_t *)(uintptr_t)rows, (void *)(uintptr_t)pool, is_bf16,
+        (const int32_t *)(uintptr_t)tables, (const int32_t *)(uintptr_t)lengths,
+    };
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = decode_step(&step, decode, isa);
+    Py_END_ALLOW_THREADS
+    free(decode);
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "2 with AVX-512, 1 with AVX2 and FMA, 0 without (no packed_linear)."},
+    {"decode_layers", py_decode_layers, METH_VARARGS,
+     "Every transformer layer of a decode-only step (one new token per sequence), weights packed."},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Attention of one new token per sequence over its paged KV, read in place."},
     {"packed_linear", py_packed_linear, METH_VARARGS,

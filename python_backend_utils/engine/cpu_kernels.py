@@ -74,3 +74,29 @@ def packed_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, scal
                                    0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                    out.data_ptr(), x.shape[0], out_features, x.shape[1], isa)
     return out
+
+
+# The word each field of a layer takes in decode_layers' table (the enum in _cpu_kernels.c).
+LAYER_FIELDS = ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_scale", "qkv_bias", "o", "o_scale",
+                "gate_up", "gate_up_scale", "down", "down_scale")
+
+
+def layer_table(layers: list[dict[str, torch.Tensor | None]]) -> torch.Tensor:
+    """int64 [layers, fields]: each tensor's address (0 for None), for decode_layers. The caller keeps them alive."""
+    return torch.tensor([[0 if layer[name] is None else layer[name].data_ptr() for name in LAYER_FIELDS]
+                         for layer in layers], dtype=torch.int64)
+
+
+def decode_layers(table: torch.Tensor, is_int8: bool, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  rows: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+                  heads: int, kv_heads: int, head_dim: int, intermediate: int, block_size: int, eps: float) -> None:
+    """Every layer of a decode-only step, in place on `state` (fp32 [tokens, hidden], the embeddings in).
+
+    cos, sin: fp32 [tokens, head_dim]; rows: int64 [tokens] pool row of layer 0's K for each token;
+    tables, lengths: as for decode_attention."""
+    with record_function("cpu_kernels::decode_layers"):
+        _cpu_kernels.decode_layers(
+            table.data_ptr(), is_int8, state.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows.data_ptr(),
+            pool.data_ptr(), pool.dtype == torch.bfloat16, tables.data_ptr(), lengths.data_ptr(), state.shape[0],
+            state.shape[1], heads, kv_heads, head_dim, intermediate, table.shape[0], block_size, tables.shape[1],
+            eps, BEST_ISA)

@@ -124,6 +124,7 @@ class PagedCausalLM:
         ) else None
         self.eos_token_ids = _eos_ids(hf_model.generation_config.eos_token_id or text_config.eos_token_id)
         self._load_weights(hf_model)
+        self._decode_table = self._fused_decode_table()
         self.max_model_len = self._max_model_len(config.max_model_len)
         self.cos, self.sin = self._rotary_tables(hf_model, self.max_model_len)
         del hf_model
@@ -171,6 +172,22 @@ class PagedCausalLM:
                 )
             )
 
+    def _fused_decode_table(self) -> torch.Tensor | None:
+        """The layers as cpu_kernels.decode_layers reads them, when it applies: fp32 on a CPU, every weight packed."""
+        linears = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        if self.dtype != torch.float32 or not all(m.packed for m in linears) or self.shape.head_dim % 16:
+            return None
+
+        def scale(linear: DenseLinear | Int8Linear) -> torch.Tensor | None:
+            return linear.scale if isinstance(linear, Int8Linear) else None
+
+        return cpu_kernels.layer_table([
+            {"input_norm": layer.input_norm, "post_norm": layer.post_norm, "q_norm": layer.q_norm,
+             "k_norm": layer.k_norm, "qkv": layer.qkv.weight, "qkv_scale": scale(layer.qkv), "qkv_bias": layer.qkv.bias,
+             "o": layer.o_proj.weight, "o_scale": scale(layer.o_proj), "gate_up": layer.gate_up.weight,
+             "gate_up_scale": scale(layer.gate_up), "down": layer.down.weight, "down_scale": scale(layer.down)}
+            for layer in self.layers])
+
     def weight_bytes(self) -> int:
         """What one step reads of the matrices: every layer's and the LM head's."""
         linears = [self.lm_head] + [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up,
@@ -198,6 +215,15 @@ class PagedCausalLM:
         plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
         hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
                   else F.embedding(plan.input_ids, self.embed))
+        if self._decode_table is not None and plan.only_decode and plan.in_place:
+            # Decode only (one new token per sequence): every layer in one C call, same arithmetic.
+            hidden = hidden.contiguous()
+            cpu_kernels.decode_layers(
+                self._decode_table, self.quantization == "int8", hidden, self.cos[plan.positions].contiguous(),
+                self.sin[plan.positions].contiguous(), plan.write_rows, pool.tensor, plan.decode_tables,
+                plan.decode_lengths, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                self.layers[0].gate_up.out_features // 2, pool.block_size, self.eps)
+            return self._logits(hidden, plan)
         cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         for index, layer in enumerate(self.layers):
@@ -222,6 +248,9 @@ class PagedCausalLM:
             residual = hidden
             gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
             hidden = residual + layer.down(F.silu(gate) * up)
+        return self._logits(hidden, plan)
+
+    def _logits(self, hidden: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         last = self._norm(hidden[plan.sample_rows], self.final_norm)
         if last.shape[0] == 1 or not isinstance(self.lm_head, DenseLinear) or self.lm_head.packed:
             return self.lm_head(last)
@@ -270,6 +299,7 @@ class _StepPlan:
         self.write_rows = torch.cat(rows).to(device)
         self.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
         self.num_tokens = offset
+        self.only_decode = len(self.decode_tokens) == offset  # then token i is decode token i
         if decode_chunks:
             self.decode_index = torch.tensor(self.decode_tokens, dtype=torch.long, device=device)
         if decode_chunks and self.in_place:
@@ -292,7 +322,7 @@ class _StepPlan:
     ) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
         kv_heads = k.shape[1]
-        only_decode = len(self.decode_tokens) == self.num_tokens  # then token i is decode token i
+        only_decode = self.only_decode
         out = None if only_decode and self.in_place else torch.empty(
             self.num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         key_offset, value_offset = 2 * layer * pool.block_size, (2 * layer + 1) * pool.block_size

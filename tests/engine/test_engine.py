@@ -126,6 +126,36 @@ def tiny_engine(tiny_dir, **settings) -> LLMEngine:
     return LLMEngine(EngineConfig(model_dir=tiny_dir, **{"num_kv_blocks": 64, "block_size": 4, **settings}))
 
 
+def _recording(forward, logits: list[torch.Tensor]):
+    def record(chunks, pool):
+        logits.append(forward(chunks, pool))
+        return logits[-1]
+
+    return record
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # QKV bias; per-head norms of queries and keys
+@pytest.mark.parametrize("settings", [{"kv_cache_dtype": "bfloat16", "block_size": 3}, {"weight_quantization": "int8"}])
+def test_decode_steps_in_one_call_equal_the_layer_by_layer_path(family, settings, tmp_path):
+    """The fused C decode step (cpu_kernels.decode_layers) against the model's torch layers: same logits each step."""
+    directory = str(build_tiny_checkpoint(family, tmp_path / family))
+    runs = []
+    for fused in (True, False):
+        engine = tiny_engine(directory, **settings)
+        assert engine.model._decode_table is not None
+        if not fused:
+            engine.model._decode_table = None
+        engine.model.forward = _recording(engine.model.forward, logits := [])
+        for index, prompt in enumerate(([5, 6, 7], [9] * 11, list(range(20, 37)))):
+            engine.add_request(f"r{index}", prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+        run_to_completion(engine)
+        runs.append(logits)
+    fused, layered = runs
+    assert len(fused) == len(layered) > 10
+    for step, (a, b) in enumerate(zip(fused, layered)):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5, step
+
+
 def test_chunked_prefill_gives_the_same_tokens(tiny_dir, tiny_reference):
     engine = tiny_engine(tiny_dir, max_num_batched_tokens=7)
     prompt = list(range(200, 237))
