@@ -157,3 +157,22 @@ def test_a_prompt_answer_needs_no_cancel_check_and_errors_pass_through():
             await unless_cancelled(request, failure(), poll_s=0.05)
 
     asyncio.run(main())
+
+
+def test_remote_worker_connections_ping_and_the_launched_server_accepts_the_pings(tmp_path, monkeypatch):
+    from launcher.runtime import TritonRuntime
+    from launcher.server import TritonServer
+    from python_backend_utils.orchestration import remote
+
+    made = []
+    monkeypatch.setattr(remote.grpcaio, "InferenceServerClient", lambda url, **options: made.append(options))
+
+    async def connect():
+        remote.RemoteWorkers()._client("ctx-0:8001")
+
+    asyncio.run(connect())
+    assert made == [{"keepalive_options": remote.KEEPALIVE}]
+    assert remote.KEEPALIVE.keepalive_time_ms > remote.MIN_PING_INTERVAL_MS  # else GOAWAY "too_many_pings"
+    assert remote.KEEPALIVE.http2_max_pings_without_data == 0  # a quiet stream (a queued request) keeps being pinged
+    command = TritonServer(tmp_path).command(TritonRuntime(tmp_path / "tritonserver", None, ()), "prefix_")
+    assert f"--grpc-http2-min-recv-ping-interval-without-data={remote.MIN_PING_INTERVAL_MS}" in command
