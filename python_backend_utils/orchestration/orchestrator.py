@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.errors import InvalidRequestError, RequestAbortedError
+from python_backend_utils.errors import UNAVAILABLE_PREFIX, InvalidRequestError, RequestAbortedError
 from python_backend_utils.orchestration.admission import THREADS_PER_REQUEST, Admission, current_ticket, held
 from python_backend_utils.orchestration.cancellation import ClientCancelled, unless_cancelled
 from python_backend_utils.orchestration.deployment import Deployment
@@ -166,7 +166,7 @@ class Orchestrator:
         ticket = self.admission.try_admit()
         if ticket is None:
             refusal = pb_utils.TritonError(
-                f"the orchestrator is serving its limit of {self.admission.limit} requests at once "
+                f"{UNAVAILABLE_PREFIX}the orchestrator is serving its limit of {self.admission.limit} requests at once "
                 "(max_requests_in_flight of disaggregated_serving_bls): retry later, or raise the limit",
                 pb_utils.TritonError.UNAVAILABLE)
             sender.send(pb_utils.InferenceResponse(error=refusal), flags=FINAL)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from client.generate import GenerateRequest, infer_inputs
 from launcher import TritonServer
@@ -36,7 +37,7 @@ def server(tmp_path_factory):
     render_repository(DEFAULT_MODEL_REPOSITORY, repository,
                       settings=(Setting.parse(f"disaggregated_serving_bls.max_requests_in_flight={LIMIT}"),))
     triton = TritonServer(repository, **free_server_ports(),
-                          models=["ensemble", "context", "generation"], log_file=work / "server.log")
+                          models=["ensemble", "ensemble_unary", "context", "generation"], log_file=work / "server.log")
     try:
         triton.start()
         yield triton
@@ -97,3 +98,28 @@ def test_requests_past_the_limit_get_unavailable_at_once_and_the_server_goes_on(
     assert in_flight and all(value == 0 for value in in_flight.values()), in_flight
     used = wait_for_idle_kv(server)
     assert used and all(value == 0 for value in used.values()), used
+
+
+def timed_unary(server, prompt: str) -> tuple[str, str, float]:
+    """One plain gRPC infer of ensemble_unary (the ensemble reached through BLS)."""
+    client = grpcclient.InferenceServerClient(server.urls.grpc)
+    arrays = GenerateRequest(prompt, max_tokens=MAX_TOKENS).arrays()
+    started = time.monotonic()
+    try:
+        result = client.infer("ensemble_unary", infer_inputs(arrays), client_timeout=120)
+        return "OK", b"".join(result.as_numpy("text_output").reshape(-1)).decode(), time.monotonic() - started
+    except InferenceServerException as error:
+        return error.status(), error.message(), time.monotonic() - started
+    finally:
+        client.close()
+
+
+def test_a_unary_client_refused_at_the_limit_also_gets_unavailable(server):
+    """BLS hands ensemble_unary every error as INTERNAL (server#7804): it restores the code."""
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(lambda i: timed_unary(server, f"Request {i}. {PROMPTS[1]}"), range(BURST)))
+    refused = [r for r in results if r[0] != "OK"]
+    assert refused and len(refused) <= BURST - LIMIT, results
+    assert all(status == "StatusCode.UNAVAILABLE" and "max_requests_in_flight" in message
+               for status, message, _ in refused), refused
+    assert timed_unary(server, PROMPTS[1])[0] == "OK"
