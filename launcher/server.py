@@ -45,6 +45,7 @@ from pathlib import Path
 
 from launcher.runtime import TritonRuntime, find_runtime
 from python_backend_utils.environment import DEVICE_ENV, KEY_FILE_ENV, MODEL_DIR_ENV
+from python_backend_utils.orchestration.remote import MIN_PING_INTERVAL_MS
 from python_backend_utils.serving.context_params import MIN_KEY_BYTES
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -195,6 +196,8 @@ class TritonServer:
             # <api>:<header>=<value>; 2.51's --help says "<apis>,<key>=<value>", which it refuses
             f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_key}",
             f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            # Orchestrators on other servers ping their streams here (remote.KEEPALIVE).
+            f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
         ]
         if runtime.backend_directory is not None:
             command.append(f"--backend-directory={runtime.backend_directory}")

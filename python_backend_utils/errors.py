@@ -27,5 +27,15 @@ def is_client_error_message(message: str) -> bool:
     return message.startswith(CLIENT_ERROR_PREFIX)
 
 
+# The same for UNAVAILABLE (a refusal under load: the client should retry later), so a BLS caller
+# of the ensemble (ensemble_unary) can restore the code. The ensemble puts "in ensemble 'NAME', "
+# before a step's message.
+UNAVAILABLE_PREFIX = "unavailable: "
+
+
+def is_unavailable_message(message: str) -> bool:
+    return message.startswith(UNAVAILABLE_PREFIX) or f", {UNAVAILABLE_PREFIX}" in message
+
+
 class EngineDeadError(RuntimeError):
     """The instance's engine loop stopped: it takes no request until the instance is restarted."""

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.errors import InvalidRequestError, RequestAbortedError
+from python_backend_utils.errors import UNAVAILABLE_PREFIX, InvalidRequestError, RequestAbortedError
+from python_backend_utils.orchestration.admission import THREADS_PER_REQUEST, Admission, current_ticket, held
+from python_backend_utils.orchestration.cancellation import ClientCancelled, unless_cancelled
 from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.orchestration.membership import diff_targets, group_targets
 from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
@@ -41,8 +43,9 @@ logger = logging.getLogger(__name__)
 WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
 CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 # Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
-# request in flight waits for its next response on one of these threads, off the event loop.
-MAX_REQUESTS_IN_FLIGHT = 256
+# request in flight waits for its next response on a thread of its own, off the event loop
+# (admission.py). Past this many requests at once, a new one is refused with UNAVAILABLE.
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 128
 STOP_TIMEOUT_S = 5.0
 # A request on an instance of this server that has been silent this long makes the orchestrator
 # check that the instance's stub process still lives: requests running in a stub that died get
@@ -87,7 +90,8 @@ class ContextResult:
 
 
 class Orchestrator:
-    def __init__(self, deployment: Deployment, context_block_size: int) -> None:
+    def __init__(self, deployment: Deployment, context_block_size: int,
+                 max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT) -> None:
         self.deployment = deployment
         self.block_size = context_block_size
         self.routers: dict[str, Router] = {
@@ -105,7 +109,9 @@ class Orchestrator:
         # Bumped when a local target's stub is found dead and when its replacement is ready: a
         # request opened under an older count runs on a stub that is gone, whatever runs now.
         self._stub_generations: dict[Target, int] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="bls")
+        self.admission = Admission(max_requests_in_flight)
+        self._executor = concurrent.futures.ThreadPoolExecutor(THREADS_PER_REQUEST * max_requests_in_flight,
+                                                               thread_name_prefix="bls")
         self._loop_with_executor: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task] = set()  # referenced until done, or asyncio may drop them
 
@@ -149,9 +155,23 @@ class Orchestrator:
         return [t for r in self.routers.values() for t in r.snapshot() if t.url]
 
     # ------------------------------------------------------------ requests
+    def metrics(self) -> dict[str, float]:
+        counts = self.admission.counts()
+        return {**self.stats.as_metrics(), "requests_in_flight": counts.in_flight,
+                "requests_lingering": counts.lingering, "rejected_total": counts.rejected}
+
     async def serve(self, request) -> None:
         self._use_executor_for_bls()
         sender = request.get_response_sender()
+        ticket = self.admission.try_admit()
+        if ticket is None:
+            refusal = pb_utils.TritonError(
+                f"{UNAVAILABLE_PREFIX}the orchestrator is serving its limit of {self.admission.limit} requests at once "
+                "(max_requests_in_flight of disaggregated_serving_bls): retry later, or raise the limit",
+                pb_utils.TritonError.UNAVAILABLE)
+            sender.send(pb_utils.InferenceResponse(error=refusal), flags=FINAL)
+            return
+        token = current_ticket.set(ticket)  # the threads this request starts hold its place
         try:
             await self._serve(request, sender)
         except ClientError as error:
@@ -167,6 +187,9 @@ class Orchestrator:
             sender.send(error_response(WorkerFailed("a call to a worker was cancelled inside the orchestrator")),
                         flags=FINAL)
             raise
+        finally:
+            current_ticket.reset(token)
+            ticket.answered()
 
     def _use_executor_for_bls(self) -> None:
         """`InferenceRequest.async_exec` runs on the loop's default executor and holds a thread until
@@ -198,7 +221,7 @@ class Orchestrator:
 
         context = None
         if len(prompt) >= deployment.min_disaggregated_prompt_tokens:
-            context = await self._context_phase(request_id, worker_inputs, prompt, deployment)
+            context = await self._context_phase(request, request_id, worker_inputs, prompt, deployment)
             if context is None:
                 self.stats.context_fallbacks += 1
         else:
@@ -227,7 +250,7 @@ class Orchestrator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _context_phase(self, request_id: str, inputs, prompt: list[int],
+    async def _context_phase(self, request, request_id: str, inputs, prompt: list[int],
                              deployment: Deployment) -> ContextResult | None:
         tried: set[Target] = set()
         for attempt in range(2):
@@ -241,10 +264,16 @@ class Orchestrator:
             worker_id = f"{request_id}-ctx{attempt}"
             self.context_router.started(target, len(prompt))
             try:
-                stream = await self._open(target, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
+                opening = self._open(target, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
+                stream = await unless_cancelled(request, opening)
                 responses = []
-                while (outputs := await stream.next(deployment.context_timeout_s)) is not None:
+                while (outputs := await unless_cancelled(
+                        request, stream.next(deployment.context_timeout_s))) is not None:
                     responses.append(outputs)
+            except ClientCancelled:
+                self.stats.cancelled += 1
+                await self._stop(target, worker_id)
+                raise
             except ClientError:
                 raise
             except Exception as error:  # noqa: BLE001 - failed, unreachable or timed out: try elsewhere
@@ -276,14 +305,13 @@ class Orchestrator:
             self.generation_router.started(target, load)
             try:
                 # A busy generation instance queues the request: its first answer may take as long as any.
-                stream = await self._open(target, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
+                opening = self._open(target, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
+                stream = await unless_cancelled(request, opening)
                 while True:
                     if request.is_cancelled():
-                        self.stats.cancelled += 1
-                        await self._stop(target, worker_id)
-                        raise RequestAbortedError("the request was cancelled by the client")
+                        raise ClientCancelled("the request was cancelled by the client")
                     try:
-                        outputs = await stream.next(deployment.generation_timeout_s)
+                        outputs = await unless_cancelled(request, stream.next(deployment.generation_timeout_s))
                     except asyncio.TimeoutError:
                         raise WorkerFailed(f"generation instance {target} sent nothing for "
                                            f"{deployment.generation_timeout_s} s") from None
@@ -293,6 +321,10 @@ class Orchestrator:
                     received = True
                     deliver(outputs["output_ids"].reshape(-1).tolist(),
                             outputs["output_log_probs"].reshape(-1).tolist(), False)
+            except ClientCancelled:
+                self.stats.cancelled += 1
+                await self._stop(target, worker_id)
+                raise
             except (ClientError, RequestAbortedError):
                 raise
             except Exception as error:  # noqa: BLE001 - before its first token, another instance may take it
@@ -320,7 +352,7 @@ class Orchestrator:
         generation = self._stub_generations.get(target, 0)
         wait = functools.partial(self._wait_while_alive, target, generation)
         try:
-            iterator = await wait(asyncio.ensure_future(inner.async_exec(decoupled=True)), timeout)
+            iterator = await wait(held(asyncio.ensure_future(inner.async_exec(decoupled=True))), timeout)
         except asyncio.TimeoutError:
             raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
         return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
@@ -348,7 +380,8 @@ class Orchestrator:
             requested_output_names=[],
             request_id=worker_id,
         )
-        submitted = await asyncio.wait_for(stop.async_exec(decoupled=True), STOP_TIMEOUT_S)
+        submitting = held(asyncio.ensure_future(stop.async_exec(decoupled=True)))
+        submitted = await asyncio.wait_for(asyncio.shield(submitting), STOP_TIMEOUT_S)
         await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
 
     def stub_replaced(self, target: Target) -> None:

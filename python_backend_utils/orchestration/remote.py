@@ -25,6 +25,21 @@ logger = logging.getLogger(__name__)
 STREAM_HEADERS = {"triton_grpc_error": "true"}
 # gRPC statuses that say the server itself could not be reached (down, restarting, refused).
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE,)
+# HTTP/2 pings on every connection to a remote worker: a server that vanished without closing
+# the connection (a host lost, a cable pulled) breaks its streams within about 40 s as
+# UNAVAILABLE instead of leaving them waiting for the phase timeouts (minutes). Pings go on
+# while a stream is quiet (a request queued on a busy worker), so the servers must accept
+# them that often: the launcher starts tritonserver with MIN_PING_INTERVAL_MS (its default, 5
+# minutes, would answer these pings with GOAWAY "too_many_pings").
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_PING_INTERVAL_MS = 20_000
+KEEPALIVE = grpcclient.KeepAliveOptions(
+    keepalive_time_ms=KEEPALIVE_TIME_MS,
+    keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
+    keepalive_permit_without_calls=False,  # health checks cover idle servers
+    http2_max_pings_without_data=0,  # gRPC's default (2) stops pinging a stream that is quiet
+)
 
 
 class ClientError(Exception):
@@ -176,7 +191,7 @@ class RemoteWorkers:
         with self._lock:
             client = self._clients.get(url)
             if client is None:
-                client = self._clients[url] = grpcaio.InferenceServerClient(url)
+                client = self._clients[url] = grpcaio.InferenceServerClient(url, keepalive_options=KEEPALIVE)
             return client
 
     def _stream_ended(self, url: str, request_id: str | None) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.errors import is_client_error_message
+from python_backend_utils.orchestration.admission import held
 from python_backend_utils.orchestration.remote import ClientError, WorkerFailed
 from python_backend_utils.orchestration.routing import Target
 from python_backend_utils.serving.stub_recovery import is_dead_stub_error
@@ -56,7 +57,8 @@ class LocalStream:
         ClientError (the worker said INVALID_ARG) or WorkerFailed."""
         while True:
             if self._pending is None:  # a wait that timed out leaves its read running: the next call takes it up
-                self._pending = asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator, _END)
+                self._pending = held(asyncio.get_running_loop().run_in_executor(self._executor, next, self._iterator,
+                                                                                _END))
             response = await self._wait(self._pending, timeout)
             self._pending = None
             if response is _END:

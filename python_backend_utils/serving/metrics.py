@@ -95,6 +95,9 @@ ORCHESTRATOR_METRICS = {
     "generation_phase_seconds_total": "time from first to last token, summed",
     "output_tokens_total": "tokens sent to clients",
     "stub_reloads_total": "instances on this server reloaded after their stub process died",
+    "requests_in_flight": "requests holding a place under max_requests_in_flight",
+    "requests_lingering": "answered requests still holding their place: a worker read that timed out has not returned",
+    "rejected_total": "requests refused with UNAVAILABLE because max_requests_in_flight were in flight",
 }
 
 ROUTER_METRICS = {

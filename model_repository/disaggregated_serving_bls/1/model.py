@@ -14,9 +14,10 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.environment import DEPLOYMENT_ENV
+from python_backend_utils.orchestration.admission import parse_limit
 from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.orchestration.membership import MembershipMonitor
-from python_backend_utils.orchestration.orchestrator import GROUPS, Orchestrator
+from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS_IN_FLIGHT, GROUPS, Orchestrator
 from python_backend_utils.orchestration.routing import Target
 from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
 from python_backend_utils.serving.metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
@@ -30,7 +31,8 @@ class TritonPythonModel:
         default = Path(__file__).resolve().parent.parent / "disagg_config.yaml"
         path = os.environ.get(DEPLOYMENT_ENV) or parameters.get("deployment_file") or default
         deployment = Deployment.load(path)
-        self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16))
+        limit = parse_limit(parameters.get("max_requests_in_flight", ""), DEFAULT_MAX_REQUESTS_IN_FLIGHT)
+        self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16), limit)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = GaugeSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
         self.router_gauges = {name: LabelledGauges(name, description, labels) for name, description
@@ -54,7 +56,7 @@ class TritonPythonModel:
 
     async def execute(self, requests):
         await asyncio.gather(*(self.orchestrator.serve(request) for request in requests))
-        self.gauges.publish({**self.orchestrator.stats.as_metrics(), "stub_reloads_total": self.recovery.reloads})
+        self.gauges.publish({**self.orchestrator.metrics(), "stub_reloads_total": self.recovery.reloads})
         self._publish_membership()
         return None
 
