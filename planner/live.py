@@ -198,6 +198,16 @@ class Hysteresis:
         return recommendation
 
 
+def serving_split(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> Split | None:
+    """The local instances the orchestrator's routers have in rotation (disagg_router_targets)."""
+    members = [labels for labels, value in metrics.get("disagg_router_targets", []) if value == 1.0
+               and "@" not in labels.get("target", "")]
+    if not members:
+        return None
+    return Split(sum(m.get("group") == "context" for m in members),
+                 sum(m.get("group") == "generation" for m in members))
+
+
 def read_split(path: Path) -> tuple[Split, dict]:
     """The deployment file's local instance counts, and its parsed content."""
     try:
@@ -234,7 +244,18 @@ class LivePlanner:
 
     def poll(self, now_s: float | None = None) -> Split | None:
         now_s = time.monotonic() if now_s is None else now_s
-        self.samples.append(Sample.from_metrics(scrape(self.metrics_url), now_s))
+        metrics = scrape(self.metrics_url)
+        sample = Sample.from_metrics(metrics, now_s)
+        serving = serving_split(metrics)
+        if self.changes and serving is not None and serving != self.hysteresis.current:
+            # Loading new instances takes seconds, under load more: the window and the cooldown
+            # start again once the server runs the split, so the change is judged by its effect.
+            self.samples.clear()
+            self.samples.append(sample)
+            self.hysteresis.last_change_s, self.hysteresis.candidate, self.hysteresis.streak = now_s, None, 0
+            self.log(f"waiting for the server to run {self.hysteresis.current} (it runs {serving})")
+            return None
+        self.samples.append(sample)
         while len(self.samples) > 2 and now_s - self.samples[1].time_s >= self.window_s:
             self.samples.popleft()
         if len(self.samples) < 2:

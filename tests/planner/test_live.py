@@ -74,3 +74,16 @@ def test_a_change_needs_a_streak_and_waits_out_the_cooldown():
     assert h.observe(Split(1, 1), 15) == Split(1, 1)
     assert h.observe(Split(1, 2), 16) is None and h.observe(Split(2, 1), 17) is None  # a new candidate restarts
     assert h.streak == 1
+
+
+def test_the_split_the_server_runs_counts_local_members_only():
+    from planner.live import serving_split
+
+    text = METRICS + "\n".join([
+        'disagg_router_targets{group="context",healthy="false",model="m",target="context/2",version="1"} 1',
+        'disagg_router_targets{group="context",healthy="true",model="m",target="context/3",version="1"} 0',
+        'disagg_router_targets{group="generation",healthy="true",model="m",target="generation/1",version="1"} 1',
+        'disagg_router_targets{group="generation",healthy="true",model="m",target="generation/1@h:8001",'
+        'version="1"} 1'])
+    assert serving_split(parse_metrics(text)) == Split(2, 1)
+    assert serving_split({}) is None

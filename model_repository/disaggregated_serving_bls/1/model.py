@@ -64,7 +64,10 @@ class TritonPythonModel:
         return None
 
     def _tick(self) -> None:
+        """Each membership round: unload drained instances, and publish the counters, so that
+        arrivals show while their requests run (the live planner reads them)."""
         self.instances.retire_idle(self.orchestrator.holds_requests)
+        self.gauges.publish({**self.orchestrator.stats.as_metrics(), "stub_reloads_total": self.recovery.reloads})
         self._publish_membership()
 
     def _stub_died(self, target: Target) -> None:
