@@ -33,7 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="disagg-serve", description=__doc__,
         epilog="disagg-serve validate-simulator [--results DIR] [--calibration FILE] [--out-dir DIR]: "
-        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py)")
+        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py). "
+        "disagg-serve plan --slo-ttft-ms MS --slo-tpot-ms MS --workers N --request-rate R [--workload W] [--out FILE]: "
+        "the best context:generation split (planner/plan.py); with --live, from a running server's metrics "
+        "(planner/live.py)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument(
         "--deployment",
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from planner import validate
 
         return validate.main(argv[1:])
+    if argv[:1] == ["plan"]:  # the planner: planner/plan.py (offline), planner/live.py (--live)
+        from planner import plan
+
+        return plan.main(argv[1:])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository

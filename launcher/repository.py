@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from python_backend_utils.orchestration.deployment import Deployment
+from python_backend_utils.orchestration.local_instances import VersionError, add_versions, remove_versions_above
 
 DEPLOYMENT_FILE = Path("disaggregated_serving_bls") / "disagg_config.yaml"
 INSTANCE_COUNT = "instance_count"
@@ -48,7 +49,11 @@ def render_repository(
     shutil.copytree(source, target, ignore=_SKIP)
     if deployment is not None:
         for group in (deployment.context_servers, deployment.generation_servers):
-            _set_versions(target / group.model_name, group.num_instances)
+            try:
+                add_versions(target / group.model_name, range(2, group.num_instances + 1))
+                remove_versions_above(target / group.model_name, group.num_instances)
+            except VersionError as error:
+                raise RenderError(str(error)) from None
         (target / DEPLOYMENT_FILE).unlink(missing_ok=True)
         (target / DEPLOYMENT_FILE).symlink_to(Path(deployment_file).resolve())
     for setting in settings:
@@ -86,15 +91,3 @@ def set_instance_count(config: Path, value: str) -> None:
     if count != 1:
         raise RenderError(f"{config.parent.name}: its config.pbtxt has no single instance_group to resize")
     config.write_text(text)
-
-
-def _set_versions(model: Path, num_instances: int) -> None:
-    first = model / "1"
-    if not first.is_dir():
-        raise RenderError(f"{first} is missing: every instance is a copy of version 1")
-    for version in sorted(int(p.name) for p in model.iterdir() if p.is_dir() and p.name.isdigit()):
-        if version > num_instances:
-            shutil.rmtree(model / str(version))
-    for version in range(2, num_instances + 1):
-        if not (model / str(version)).exists():
-            shutil.copytree(first, model / str(version), ignore=_SKIP)

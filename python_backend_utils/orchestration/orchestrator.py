@@ -16,6 +16,7 @@ Membership changes at runtime (`apply`, `set_health`, called from the membership
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -65,6 +66,7 @@ class OrchestratorStats:
     context_phase_seconds: float = 0.0
     generation_phase_seconds: float = 0.0
     output_tokens: int = 0
+    input_tokens: int = 0  # prompt tokens received (the planner's ISL)
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -77,6 +79,7 @@ class OrchestratorStats:
             "context_phase_seconds_total": self.context_phase_seconds,
             "generation_phase_seconds_total": self.generation_phase_seconds,
             "output_tokens_total": self.output_tokens,
+            "input_tokens_total": self.input_tokens,
         }
 
 
@@ -109,6 +112,9 @@ class Orchestrator:
         # Bumped when a local target's stub is found dead and when its replacement is ready: a
         # request opened under an older count runs on a stub that is gone, whatever runs now.
         self._stub_generations: dict[Target, int] = {}
+        # Context instances holding a request's KV until its generation phase ends (after its pull):
+        # a removed one is unloaded only when it holds none (local_instances.py).
+        self._handoffs: collections.Counter[Target] = collections.Counter()
         self.admission = Admission(max_requests_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(THREADS_PER_REQUEST * max_requests_in_flight,
                                                                thread_name_prefix="bls")
@@ -149,6 +155,13 @@ class Orchestrator:
     def set_health(self, target: Target, healthy: bool) -> None:
         for router in self.routers.values():
             router.set_healthy(target, healthy)
+
+    def holds_requests(self, target: Target) -> bool:
+        """Whether the instance runs a request, or holds a KV its generation instance has yet to pull."""
+        router = self.routers["context" if target.model_name == self.deployment.context_servers.model_name
+                              else "generation"]
+        state = router.snapshot().get(target)
+        return bool(self._handoffs[target] or (state is not None and state[2]))
 
     def remote_targets(self) -> list[Target]:
         """Remote targets in rotation or draining: the ones health checks watch."""
@@ -207,6 +220,7 @@ class Orchestrator:
         assembler = ResponseAssembler(generation)
         request_id = uuid.uuid4().hex
         prompt = generation.prompt_ids
+        self.stats.input_tokens += len(prompt)
         worker_inputs = {name: array for name, array in inputs.items() if name not in ("streaming", "stop")}
         worker_inputs["streaming"] = np.array([True])
         deployment = self.deployment
@@ -235,6 +249,7 @@ class Orchestrator:
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
+            self._handoffs[context.target] += 1
         try:
             await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
                                          deliver, deployment)
@@ -242,6 +257,9 @@ class Orchestrator:
             if context is not None:  # its KV may still be pinned, unpulled: free it now, not at its TTL
                 self._in_background(self._stop(context.target, context.worker_id))
             raise
+        finally:
+            if context is not None:
+                self._handoffs[context.target] -= 1
         self.stats.generation_phase_seconds += time.monotonic() - generation_started
 
     def _in_background(self, work) -> None:

@@ -94,6 +94,7 @@ ORCHESTRATOR_METRICS = {
     "context_phase_seconds_total": "time from request to first token, summed (divide by disaggregated_total)",
     "generation_phase_seconds_total": "time from first to last token, summed",
     "output_tokens_total": "tokens sent to clients",
+    "input_tokens_total": "prompt tokens received",
     "stub_reloads_total": "instances on this server reloaded after their stub process died",
     "requests_in_flight": "requests holding a place under max_requests_in_flight",
     "requests_lingering": "answered requests still holding their place: a worker read that timed out has not returned",

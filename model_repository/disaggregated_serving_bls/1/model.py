@@ -2,8 +2,9 @@
 
 `execute` is async, so one instance drives many requests at once; the request path lives in
 python_backend_utils/orchestration/orchestrator.py. A background thread (membership.py) follows edits of the
-deployment file and the health of remote instances. An instance on this server whose stub died
-is reloaded (stub_recovery.py).
+deployment file and the health of remote instances, and adds or removes this server's own
+instances when the file's counts change (local_instances.py). An instance on this server whose
+stub died is reloaded (stub_recovery.py).
 """
 
 import asyncio
@@ -16,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 from python_backend_utils.environment import DEPLOYMENT_ENV
 from python_backend_utils.orchestration.admission import parse_limit
 from python_backend_utils.orchestration.deployment import Deployment
+from python_backend_utils.orchestration.local_instances import LocalInstances
 from python_backend_utils.orchestration.membership import MembershipMonitor
 from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS_IN_FLIGHT, GROUPS, Orchestrator
 from python_backend_utils.orchestration.routing import Target
@@ -39,10 +41,13 @@ class TritonPythonModel:
                               in published(ROUTER_METRICS, detailed_metrics(parameters)).items()}
         self._published: set[tuple[str, str]] = set()
         self._publish_lock = threading.Lock()
-        self.monitor = MembershipMonitor(deployment, path, self.orchestrator.remote_targets, self.orchestrator.apply,
-                                         self.orchestrator.set_health, self._publish_membership)
-        self.orchestrator.on_unreachable = self.monitor.unreachable
         self.repository = Path(args["model_repository"]).parent
+        self.instances = LocalInstances(self.repository, deployment, lambda name: pb_utils.load_model(model_name=name))
+        self.monitor = MembershipMonitor(
+            deployment, path, self.orchestrator.remote_targets,
+            lambda new: self.orchestrator.apply(self.instances.grow(new)),
+            self.orchestrator.set_health, self._tick)
+        self.orchestrator.on_unreachable = self.monitor.unreachable
         self.recovery = StubRecovery(
             self.repository,
             load_model=lambda name: pb_utils.load_model(model_name=name),
@@ -59,6 +64,13 @@ class TritonPythonModel:
         self.gauges.publish({**self.orchestrator.metrics(), "stub_reloads_total": self.recovery.reloads})
         self._publish_membership()
         return None
+
+    def _tick(self) -> None:
+        """Each membership round: unload drained instances, and publish the counters, so that
+        arrivals show while their requests run (the live planner reads them)."""
+        self.instances.retire_idle(self.orchestrator.holds_requests)
+        self.gauges.publish({**self.orchestrator.stats.as_metrics(), "stub_reloads_total": self.recovery.reloads})
+        self._publish_membership()
 
     def _stub_died(self, target: Target) -> None:
         """Out of rotation until reloaded; a death already being repaired is not repaired twice."""
