@@ -35,6 +35,7 @@ from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.orchestration.membership import diff_targets, group_targets
 from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
 from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
+from python_backend_utils.orchestration.stats import OrchestratorStats
 from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
 from python_backend_utils.serving.triton_io import ResponseAssembler, generation_request, request_inputs
@@ -53,34 +54,6 @@ STOP_TIMEOUT_S = 5.0
 # no answer ever again, and the timeouts of a generation call are long.
 CHECK_STUB_AFTER_S = 2.0
 GROUPS = ("context", "generation")
-
-
-@dataclass
-class OrchestratorStats:
-    requests: int = 0
-    disaggregated: int = 0
-    local_prefill: int = 0  # conditional disaggregation: short prompts
-    context_retries: int = 0
-    context_fallbacks: int = 0  # every context attempt failed: prefilled on the generation instance
-    cancelled: int = 0
-    context_phase_seconds: float = 0.0
-    generation_phase_seconds: float = 0.0
-    output_tokens: int = 0
-    input_tokens: int = 0  # prompt tokens received (the planner's ISL)
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "requests_total": self.requests,
-            "disaggregated_total": self.disaggregated,
-            "local_prefill_total": self.local_prefill,
-            "context_retries_total": self.context_retries,
-            "context_fallbacks_total": self.context_fallbacks,
-            "cancelled_total": self.cancelled,
-            "context_phase_seconds_total": self.context_phase_seconds,
-            "generation_phase_seconds_total": self.generation_phase_seconds,
-            "output_tokens_total": self.output_tokens,
-            "input_tokens_total": self.input_tokens,
-        }
 
 
 @dataclass(frozen=True)
