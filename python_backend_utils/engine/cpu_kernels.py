@@ -41,7 +41,8 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, tables: torch.Tens
 
 # Output channels per panel of a packed weight (PANEL in _cpu_kernels.c).
 PANEL = 32
-# What the CPU runs packed products with: 2 AVX-512, 1 AVX2 and FMA, 0 neither (no packing).
+# What the CPU runs packed products with: AVX-512, AVX2 and FMA, or neither (then nothing is packed).
+ISA_AVX2, ISA_AVX512 = 1, 2
 BEST_ISA = _cpu_kernels.best_isa() if _cpu_kernels is not None else 0
 
 
@@ -62,17 +63,31 @@ def unpack_rows(panels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return panels[rows // PANEL, :, rows % PANEL]
 
 
+# Rows from which MKL's sgemm beats the kernel: for a prefill-sized product it is worth unpacking
+# the weight for the call (a copy that takes ~1% of the product's time at 2048 rows), and on an
+# AVX2-only CPU MKL multiplies the panels themselves better from 16 rows (benchmarks/RESULTS.md, 7).
+MKL_ROWS = 512
+AVX2_MKL_ROWS = 16
+
+
 def packed_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, scale: torch.Tensor | None,
                   bias: torch.Tensor | None, isa: int = BEST_ISA) -> torch.Tensor:
     """(x @ weight^T) * scale + bias: x fp32 [m, k] contiguous, panels from `pack` (fp32 or int8), scale and
     bias fp32 [out_features] or None."""
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    if not x.shape[0]:
+    rows = x.shape[0]
+    if panels.dtype == torch.float32 and rows >= MKL_ROWS:
+        weight = panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
+        return torch.nn.functional.linear(x, weight, bias)
+    if panels.dtype == torch.float32 and isa == ISA_AVX2 and rows >= AVX2_MKL_ROWS:
+        out = torch.matmul(x, panels).transpose(0, 1).reshape(rows, -1)[:, :out_features]
+        return out + bias if bias is not None else out.contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if not rows:
         return out
     with record_function("cpu_kernels::packed_gemm"):  # named in profiles (benchmarks.profile_engine)
         _cpu_kernels.packed_linear(x.data_ptr(), panels.data_ptr(), panels.dtype == torch.int8,
                                    0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                   out.data_ptr(), x.shape[0], out_features, x.shape[1], isa)
+                                   out.data_ptr(), rows, out_features, x.shape[1], isa)
     return out
 
 
@@ -85,6 +100,11 @@ def layer_table(layers: list[dict[str, torch.Tensor | None]]) -> torch.Tensor:
     """int64 [layers, fields]: each tensor's address (0 for None), for decode_layers. The caller keeps them alive."""
     return torch.tensor([[0 if layer[name] is None else layer[name].data_ptr() for name in LAYER_FIELDS]
                          for layer in layers], dtype=torch.int64)
+
+
+def decode_layers_applies(rows: int) -> bool:
+    """Whether a decode-only step of `rows` sequences runs in decode_layers: its products run in the kernel."""
+    return BEST_ISA == ISA_AVX512 or rows < AVX2_MKL_ROWS
 
 
 def decode_layers(table: torch.Tensor, is_int8: bool, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

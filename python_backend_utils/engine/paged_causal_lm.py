@@ -215,7 +215,8 @@ class PagedCausalLM:
         plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
         hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
                   else F.embedding(plan.input_ids, self.embed))
-        if self._decode_table is not None and plan.only_decode and plan.in_place:
+        if (self._decode_table is not None and plan.only_decode and plan.in_place
+                and cpu_kernels.decode_layers_applies(plan.num_tokens)):
             # Decode only (one new token per sequence): every layer in one C call, same arithmetic.
             hidden = hidden.contiguous()
             cpu_kernels.decode_layers(
