@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="disagg-serve", description=__doc__,
         epilog="disagg-serve validate-simulator [--results DIR] [--calibration FILE] [--out-dir DIR]: "
-        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py)")
+        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py). "
+        "disagg-serve study [--preset NAME] [--workers 8,16,32,64] ...: no server; aggregated against every "
+        "context:generation split through the simulator (planner/study.py)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument(
         "--deployment",
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from planner import validate
 
         return validate.main(argv[1:])
+    if argv[:1] == ["study"]:  # the planner's study at scale, not a server: see planner/study.py
+        from planner import study
+
+        return study.main(argv[1:])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository
