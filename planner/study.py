@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, parse_mix  # noqa: E402
+from client.datasets import LengthDistribution, WorkloadClass, parse_mix  # noqa: E402
 from client.metrics import RequestMeasurement, Slo, pareto_frontier, percentile  # noqa: E402
 from planner.calibration import Calibration  # noqa: E402
 from planner.predict import draw_requests  # noqa: E402
@@ -49,12 +49,14 @@ def _fixed(isl: int, osl: int) -> tuple[WorkloadClass, ...]:
     return (WorkloadClass(1.0, LengthDistribution("fixed", isl), LengthDistribution("fixed", osl)),)
 
 
-# The seed's ISL/OSL settings and the mixed chat workload of section 1 of benchmarks/RESULTS.md.
+# The mixed chat workload measured in section 1 of benchmarks/RESULTS.md (and replayed in section 6).
+MEASURED_MIX = "0.25:2048:32,0.75:128:64"
+# The seed's ISL/OSL settings, and that mix.
 PRESETS: dict[str, tuple[WorkloadClass, ...]] = {
     "isl8192-osl256": _fixed(8192, 256),
     "isl4400-osl1200": _fixed(4400, 1200),
     "isl1024-osl256": _fixed(1024, 256),
-    "mixed": tuple(parse_mix(DEFAULT_MIX)),
+    "mixed": tuple(parse_mix(MEASURED_MIX)),
 }
 DEFAULT_WORKERS = (8, 16, 32, 64)
 DEFAULT_LOADS = (0.5, 1.0, 2.0, 4.0, 8.0)  # requests in flight per worker
@@ -203,6 +205,16 @@ def best_split(points: Iterable[StudyPoint]) -> StudyPoint | None:
     return max(splits, key=lambda p: (p.goodput_per_worker, p.throughput_per_worker), default=None)
 
 
+def near_best(points: Iterable[StudyPoint], share: float = 0.95) -> list[int]:
+    """Context counts of the splits with at least `share` of the best split's goodput: at light load
+    every split with enough generation workers serves the same, and the 'best' is a near tie."""
+    splits = [p for p in points if not p.aggregated]
+    best = best_split(splits)
+    if best is None or best.goodput_per_worker <= 0:
+        return []
+    return sorted(p.context for p in splits if p.goodput_per_worker >= share * best.goodput_per_worker)
+
+
 def candidate_contexts(workers: int, previous_workers: int | None, previous_best: int | None,
                        exhaustive_up_to: int) -> list[int]:
     """Context worker counts to simulate: all of 1..N-1, or those near the previous best scaled to N."""
@@ -292,16 +304,19 @@ def run_study(calibration: Calibration, classes: Sequence[WorkloadClass], worker
 
 
 def best_splits_table(points: Sequence[StudyPoint]) -> str:
-    lines = ["| workers | load (per worker) | best C:G | tok/s/worker | tok/s/user | TTFT p90 s | goodput/worker "
-             "| aggregated tok/s/worker | aggregated goodput/worker |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workers | load (per worker) | best C:G | C within 5% | tok/s/worker | tok/s/user | TTFT p90 s "
+             "| goodput/worker | aggregated tok/s/worker | aggregated tok/s/user | aggregated goodput/worker |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sorted({p.workers for p in points}):
         for load in sorted({p.load for p in points if p.workers == n}):
             here = [p for p in points if p.workers == n and p.load == load]
             best, agg = best_split(here), next(p for p in here if p.aggregated)
-            lines.append(f"| {n} | {load:g} | {best.split} | {best.throughput_per_worker:.2f} | "
+            near = near_best(here)
+            span = f"{near[0]}-{near[-1]}" if len(near) > 1 else "-"
+            lines.append(f"| {n} | {load:g} | {best.split} | {span} | {best.throughput_per_worker:.2f} | "
                          f"{best.tokens_per_user:.2f} | {best.ttft_p90_ms / 1000:.1f} | "
                          f"{best.goodput_per_worker:.2f} | {agg.throughput_per_worker:.2f} | "
-                         f"{agg.goodput_per_worker:.2f} |")
+                         f"{agg.tokens_per_user:.2f} | {agg.goodput_per_worker:.2f} |")
     return "\n".join(lines)
 
 
@@ -373,7 +388,7 @@ def split_figure(points: Sequence[StudyPoint], title: str, path: Path) -> None:
     axes.set_ylim(0, 1)
     axes.grid(True, alpha=0.3)
     axes.legend()
-    axes.set_title(f"{title}: best context:generation split by load")
+    axes.set_title(f"{title}\nbest context:generation split by load", fontsize=10)
     _save(figure, path)
 
 
@@ -404,7 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exhaustive-up-to", type=int, default=16, help="every split up to this many workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "study")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="no simulation: the tables and PNGs again from a study's JSON, next to it")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        points = [StudyPoint(**{f.name: p[f.name] for f in fields(StudyPoint)}) for p in data["points"]]
+        title = study_title(data["preset"], Path(data["calibration"]))
+        report(points, Slo(**data["slo"]), title, args.replot.parent, args.replot.stem, data["command"])
+        return 0
     try:
         workers, loads = _numbers(args.workers, int), _numbers(args.loads, float)
         if not workers or min(workers) < 2 or not loads or min(loads) <= 0:
@@ -425,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.seed}-{args.preset}", args.exhaustive_up_to, lone.e2e_s,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - began
-    comparisons = [compare(points, n, slo) for n in sorted(set(workers))]
     command = "python -m planner.study " + shlex.join(argv)
+    title = study_title(args.preset, args.calibration)
     stem = f"{args.preset}-{args.calibration.stem}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps({
@@ -436,19 +459,32 @@ def main(argv: list[str] | None = None) -> int:
         "min_measured": args.min_measured, "ramp_s": round(lone.e2e_s, 3),
         "exhaustive_up_to": args.exhaustive_up_to, "seed": args.seed,
         "elapsed_s": round(elapsed, 1), "simulated_points": len(points),
-        "comparisons": [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons],
+        "comparisons": [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons(points, slo)],
         "points": [{**asdict(p), "split": p.split} for p in points],
     }, indent=1) + "\n")
-    title = f"{args.preset}, simulated with {args.calibration.name}"
-    pareto_figure(points, slo, title, args.out_dir / f"{stem}-pareto.png")
-    split_figure(points, title, args.out_dir / f"{stem}-best-split.png")
-    print(f"{command}\n{len(points)} points in {elapsed:.0f} s; SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; "
-          f"tok/s per worker, goodput = tok/s per worker within both SLOs\n")
-    print(comparison_table(comparisons))
+    print(f"{len(points)} points in {elapsed:.0f} s", file=sys.stderr)
+    report(points, slo, title, args.out_dir, stem, command)
+    return 0
+
+
+def study_title(preset: str, calibration: Path) -> str:
+    return f"{preset}, simulated with {calibration.name}"
+
+
+def comparisons(points: Sequence[StudyPoint], slo: Slo) -> list[Comparison]:
+    return [compare(points, n, slo) for n in sorted({p.workers for p in points})]
+
+
+def report(points: Sequence[StudyPoint], slo: Slo, title: str, out_dir: Path, stem: str, command: str) -> None:
+    """The PNGs next to the study's JSON, and the tables on stdout."""
+    pareto_figure(points, slo, title, out_dir / f"{stem}-pareto.png")
+    split_figure(points, title, out_dir / f"{stem}-best-split.png")
+    print(f"{command}\nSLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; tok/s per worker; "
+          "goodput = tok/s per worker of the requests within both SLOs\n")
+    print(comparison_table(comparisons(points, slo)))
     print()
     print(best_splits_table(points))
-    print(f"\nwrote {args.out_dir / stem}.json, -pareto.png, -best-split.png")
-    return 0
+    print(f"\nwrote {out_dir / stem}-pareto.png, -best-split.png")
 
 
 if __name__ == "__main__":

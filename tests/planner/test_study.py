@@ -15,6 +15,7 @@ from planner.study import (
     compare,
     frontier,
     lone_request,
+    near_best,
     run_study,
     speedups,
     summarize_point,
@@ -59,6 +60,13 @@ def test_the_best_split_has_the_most_goodput_then_the_most_throughput():
               point(5, 8, context=3, goodput=1)]
     assert best_split(points).context == 2
     assert best_split([point(5, 9)]) is None
+
+
+def test_near_best_splits_are_those_within_five_percent_of_the_best_goodput():
+    points = [point(5, 9, context=0, goodput=9), point(5, 3, context=1, goodput=2.0),
+              point(5, 3, context=2, goodput=1.91), point(5, 3, context=3, goodput=1.89)]
+    assert near_best(points) == [1, 2]
+    assert near_best([point(5, 3, context=1, goodput=0.0)]) == []
 
 
 def test_splits_are_all_tried_up_to_the_limit_then_only_near_the_scaled_best():
