@@ -127,6 +127,33 @@ def lone_request(calibration: Calibration, classes: Sequence[WorkloadClass], lim
     return LoneRequest(ttft, tpot, prefill + (osl - 1) * tpot)
 
 
+def rate_matched_share(calibration: Calibration, classes: Sequence[WorkloadClass], limits: SchedulerLimits,
+                       batch: int) -> float:
+    """The seed's rate matching in closed form: the context share C/N at which C workers prefill as
+    many requests per second as G workers finish decoding, each holding `batch` sequences."""
+    total = sum(c.weight for c in classes)
+    prefill = decode = 0.0
+    for c in classes:
+        isl, osl = int(c.isl.first), int(c.osl.first)
+        prefill += c.weight / total * chunked_prefill_time(calibration, isl, limits.max_num_batched_tokens)
+        step = calibration.decode_step_time(batch, round(batch * (isl + osl / 2)))
+        decode += c.weight / total * (osl - 1) * step / batch
+    return prefill / (prefill + decode)
+
+
+def largest_batch(calibration: Calibration, classes: Sequence[WorkloadClass], limits: SchedulerLimits) -> int:
+    """The most sequences of the longest class a generation worker holds: its KV cache or max_num_seqs."""
+    longest = max(int(c.isl.first + c.osl.first) for c in classes)
+    return max(1, min(limits.max_num_seqs, calibration.kv_capacity_tokens // longest))
+
+
+def matched_shares(calibration: Calibration, classes: Sequence[WorkloadClass],
+                   limits: SchedulerLimits) -> dict[int, float]:
+    """Rate-matched context shares at generation batch 1 and at the largest batch that fits."""
+    return {batch: rate_matched_share(calibration, classes, limits, batch)
+            for batch in sorted({1, largest_batch(calibration, classes, limits)})}
+
+
 def default_slo(lone: LoneRequest) -> Slo:
     """SLO_MULTIPLE times a lone request's TTFT and TPOT: scales with the calibration's device."""
     return Slo(ttft_ms=round(SLO_MULTIPLE * lone.ttft_s * 1000.0), tpot_ms=round(SLO_MULTIPLE * lone.tpot_s * 1000.0))
@@ -373,9 +400,12 @@ def pareto_figure(points: Sequence[StudyPoint], slo: Slo, title: str, path: Path
     _save(figure, path)
 
 
-def split_figure(points: Sequence[StudyPoint], title: str, path: Path) -> None:
-    """The best split's context share C/N against the load, one line per worker count."""
+def split_figure(points: Sequence[StudyPoint], matched: dict[int, float], title: str, path: Path) -> None:
+    """The best split's context share C/N against the load, one line per worker count, and the
+    rate-matched shares (batch -> share) as horizontal lines."""
     figure, axes = plt.subplots(figsize=(8, 5))
+    for batch, share in matched.items():
+        axes.axhline(share, color="grey", linestyle=":", label=f"rate-matched, generation batch {batch}: {share:.2f}")
     for n in sorted({p.workers for p in points}):
         loads = sorted({p.load for p in points if p.workers == n})
         best = [best_split([p for p in points if p.workers == n and p.load == load]) for load in loads]
@@ -397,6 +427,14 @@ def _save(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _repo_path(path: Path) -> str:
+    """The path relative to the repository when it lies inside, so the JSON reads the same on any checkout."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _numbers(text: str, kind: type) -> tuple:
@@ -426,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(args.replot.read_text())
         points = [StudyPoint(**{f.name: p[f.name] for f in fields(StudyPoint)}) for p in data["points"]]
         title = study_title(data["preset"], Path(data["calibration"]))
-        report(points, Slo(**data["slo"]), title, args.replot.parent, args.replot.stem, data["command"])
+        matched = matched_shares(Calibration.load(REPO_ROOT / data["calibration"]), PRESETS[data["preset"]],
+                                 SchedulerLimits(**data["limits"]))
+        report(points, Slo(**data["slo"]), matched, title, args.replot.parent, args.replot.stem, data["command"])
         return 0
     try:
         workers, loads = _numbers(args.workers, int), _numbers(args.loads, float)
@@ -438,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = PRESETS[args.preset]
     limits = SchedulerLimits(args.max_num_seqs, args.max_num_batched_tokens)
     lone = lone_request(calibration, classes, limits)
+    matched = matched_shares(calibration, classes, limits)
     fallback = default_slo(lone)
     slo = Slo(args.slo_ttft_ms if args.slo_ttft_ms is not None else fallback.ttft_ms,
               args.slo_tpot_ms if args.slo_tpot_ms is not None else fallback.tpot_ms)
@@ -454,16 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps({
         "command": command, "preset": args.preset, "workload": ", ".join(map(str, classes)),
-        "calibration": str(args.calibration), "calibration_description": calibration.description,
+        "calibration": _repo_path(args.calibration), "calibration_description": calibration.description,
         "slo": asdict(slo), "limits": asdict(limits), "workers": sorted(set(workers)), "loads": list(loads),
-        "min_measured": args.min_measured, "ramp_s": round(lone.e2e_s, 3),
+        "min_measured": args.min_measured, "ramp_s": round(lone.e2e_s, 3), "rate_matched_share": matched,
         "exhaustive_up_to": args.exhaustive_up_to, "seed": args.seed,
         "elapsed_s": round(elapsed, 1), "simulated_points": len(points),
         "comparisons": [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons(points, slo)],
         "points": [{**asdict(p), "split": p.split} for p in points],
     }, indent=1) + "\n")
     print(f"{len(points)} points in {elapsed:.0f} s", file=sys.stderr)
-    report(points, slo, title, args.out_dir, stem, command)
+    report(points, slo, matched, title, args.out_dir, stem, command)
     return 0
 
 
@@ -475,12 +516,14 @@ def comparisons(points: Sequence[StudyPoint], slo: Slo) -> list[Comparison]:
     return [compare(points, n, slo) for n in sorted({p.workers for p in points})]
 
 
-def report(points: Sequence[StudyPoint], slo: Slo, title: str, out_dir: Path, stem: str, command: str) -> None:
+def report(points: Sequence[StudyPoint], slo: Slo, matched: dict[int, float], title: str, out_dir: Path, stem: str,
+           command: str) -> None:
     """The PNGs next to the study's JSON, and the tables on stdout."""
     pareto_figure(points, slo, title, out_dir / f"{stem}-pareto.png")
-    split_figure(points, title, out_dir / f"{stem}-best-split.png")
+    split_figure(points, matched, title, out_dir / f"{stem}-best-split.png")
+    shares = ", ".join(f"{share:.3f} at generation batch {batch}" for batch, share in matched.items())
     print(f"{command}\nSLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; tok/s per worker; "
-          "goodput = tok/s per worker of the requests within both SLOs\n")
+          f"goodput = tok/s per worker of the requests within both SLOs; rate-matched C/N {shares}\n")
     print(comparison_table(comparisons(points, slo)))
     print()
     print(best_splits_table(points))

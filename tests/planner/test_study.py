@@ -16,6 +16,7 @@ from planner.study import (
     frontier,
     lone_request,
     near_best,
+    rate_matched_share,
     run_study,
     speedups,
     summarize_point,
@@ -123,6 +124,16 @@ def test_prefill_heavy_work_wants_context_workers_and_decode_heavy_work_generati
     assert best_split(tiny_study(prefill_per_token_s=0.01)).context == 3
     # Prefill of 200 tokens: 0.02 s; the decode steps are nearly all the work.
     assert best_split(tiny_study(prefill_per_token_s=0.0001)).context == 1
+
+
+def test_the_prefill_heavy_best_split_is_the_rate_matched_one():
+    # 2 s of prefill against 19 decode steps of 0.05 s at batch 1: C/N = 2 / 2.95, so 3 of 4 workers.
+    cal = calibration(prefill_fixed_s=0.0, prefill_per_token_s=0.01, prefill_per_token_squared_s=0.0,
+                      decode_batch_sizes=(1, 16), decode_base_s=(0.05, 0.2), decode_per_context_token_s=0.0)
+    classes = (WorkloadClass(1.0, LengthDistribution("fixed", 200), LengthDistribution("fixed", 20)),)
+    share = rate_matched_share(cal, classes, SchedulerLimits(), batch=1)
+    assert share == pytest.approx(2 / 2.95)
+    assert best_split(tiny_study(prefill_per_token_s=0.01)).context == round(4 * share)
 
 
 def test_a_study_is_deterministic_and_compares_like_with_like():
