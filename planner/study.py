@@ -16,8 +16,9 @@ and an unbounded TTFT); the best split at each load is the one with the most goo
 Cost: every split is simulated up to --exhaustive-up-to workers (16); above that, only the
 splits within 2 of each load's best split at the previous worker count, scaled to N (the
 per-worker load is the same, so the best share C/N moves little). --exhaustive-up-to 64 checks it.
-Each point runs max(3c, c + 2 * --min-measured) requests at concurrency c and measures the
-middle ones: the first c start together (warm-up) and the last c see the load drain.
+Each point runs max(3c, 2c + --min-measured) requests at concurrency c, the first c sent over a
+lone request's E2E, and measures the middle ones: not the first c (the ramp), not the last c
+(they finish while the load drains).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -289,7 +290,7 @@ def compare(points: Sequence[StudyPoint], workers: int, slo: Slo) -> Comparison:
     aggregated = [p for p in mine if p.aggregated]
     disaggregated = [p for p in mine if not p.aggregated]
     agg_front, dis_front = frontier(aggregated, slo), frontier(disaggregated, slo)
-    best = max(disaggregated, key=lambda p: p.goodput_per_worker)
+    best = best_split(disaggregated)
     ratios = speedups(agg_front, dis_front)
     top = max(ratios, key=lambda r: r[1], default=None)
     slo_speed = 1000.0 / slo.tpot_ms if slo.tpot_ms else 0.0
@@ -308,7 +309,8 @@ def compare(points: Sequence[StudyPoint], workers: int, slo: Slo) -> Comparison:
 
 def run_study(calibration: Calibration, classes: Sequence[WorkloadClass], workers: Sequence[int],
               loads: Sequence[float], slo: Slo, limits: SchedulerLimits, min_measured: int, seed: str,
-              exhaustive_up_to: int, ramp_s: float, progress=None) -> list[StudyPoint]:
+              exhaustive_up_to: int, ramp_s: float,
+              progress: Callable[[str], None] | None = None) -> list[StudyPoint]:
     """Every point of the study, worker counts ascending."""
     points: list[StudyPoint] = []
     previous_workers: int | None = None
