@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
@@ -211,9 +212,12 @@ def frontier(points: Iterable[StudyPoint], slo: Slo) -> list[StudyPoint]:
 
 
 def throughput_at(curve: Sequence[StudyPoint], tokens_per_user: float) -> float | None:
-    """The most tok/s per worker a frontier offers at no less than `tokens_per_user`; None past its end."""
-    values = [p.throughput_per_worker for p in curve if speed(p) >= tokens_per_user]
-    return max(values) if values else None
+    """A frontier's tok/s per worker at `tokens_per_user`, on the line between its points, as the
+    seed draws it (a step to the next point would credit whichever curve has a point just past the
+    other's on a coarse load grid); its fastest point's below its range, None above."""
+    if not curve or tokens_per_user > speed(curve[-1]):
+        return None
+    return float(np.interp(tokens_per_user, [speed(p) for p in curve], [p.throughput_per_worker for p in curve]))
 
 
 def speedups(aggregated: Sequence[StudyPoint], disaggregated: Sequence[StudyPoint]) -> list[tuple[float, float]]:
