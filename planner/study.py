@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "study")
     parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="no simulation: the tables and PNGs again from a study's JSON, next to it")
+                        help="no simulation: the tables, PNGs and the JSON's comparisons again from its points")
     args = parser.parse_args(argv)
     if args.replot is not None:
         data = json.loads(args.replot.read_text())
@@ -472,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         title = study_title(data["preset"], Path(data["calibration"]))
         matched = matched_shares(Calibration.load(REPO_ROOT / data["calibration"]), PRESETS[data["preset"]],
                                  SchedulerLimits(**data["limits"]))
-        report(points, Slo(**data["slo"]), matched, title, args.replot.parent, args.replot.stem, data["command"])
+        slo = Slo(**data["slo"])
+        data["comparisons"] = comparison_records(points, slo)  # derived from the points: kept current
+        args.replot.write_text(json.dumps(data, indent=1) + "\n")
+        report(points, slo, matched, title, args.replot.parent, args.replot.stem, data["command"])
         return 0
     try:
         workers, loads = _numbers(args.workers, int), _numbers(args.loads, float)
@@ -506,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_measured": args.min_measured, "ramp_s": round(lone.e2e_s, 3), "rate_matched_share": matched,
         "exhaustive_up_to": args.exhaustive_up_to, "seed": args.seed,
         "elapsed_s": round(elapsed, 1), "simulated_points": len(points),
-        "comparisons": [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons(points, slo)],
+        "comparisons": comparison_records(points, slo),
         "points": [{**asdict(p), "split": p.split} for p in points],
     }, indent=1) + "\n")
     print(f"{len(points)} points in {elapsed:.0f} s", file=sys.stderr)
@@ -520,6 +523,10 @@ def study_title(preset: str, calibration: Path) -> str:
 
 def comparisons(points: Sequence[StudyPoint], slo: Slo) -> list[Comparison]:
     return [compare(points, n, slo) for n in sorted({p.workers for p in points})]
+
+
+def comparison_records(points: Sequence[StudyPoint], slo: Slo) -> list[dict]:
+    return [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons(points, slo)]
 
 
 def report(points: Sequence[StudyPoint], slo: Slo, matched: dict[int, float], title: str, out_dir: Path, stem: str,

@@ -3,6 +3,9 @@ split, the split search, and a tiny deterministic study whose best split is know
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
 from client.datasets import LengthDistribution, WorkloadClass
@@ -15,6 +18,7 @@ from planner.study import (
     compare,
     frontier,
     lone_request,
+    main,
     near_best,
     rate_matched_share,
     run_study,
@@ -147,3 +151,20 @@ def test_a_study_is_deterministic_and_compares_like_with_like():
     aggregated = next(p for p in first if p.aggregated)
     assert comparison.max_goodput_aggregated == aggregated.goodput_per_worker
     assert comparison.best_goodput_point.startswith("3:1")
+
+
+def test_replot_redraws_the_plots_and_refreshes_the_comparisons_from_the_points(tmp_path, capsys):
+    cal_path = tmp_path / "cal.json"
+    calibration(prefill_fixed_s=0.0, prefill_per_token_s=0.01, prefill_per_token_squared_s=0.0).save(cal_path)
+    points = tiny_study(prefill_per_token_s=0.01)
+    study = tmp_path / "tiny.json"
+    study.write_text(json.dumps({
+        "command": "python -m planner.study (test)", "preset": "isl1024-osl256", "calibration": str(cal_path),
+        "slo": {"ttft_ms": 60_000, "tpot_ms": 1_000}, "limits": {"max_num_seqs": 16, "max_num_batched_tokens": 4096},
+        "comparisons": "stale", "points": [asdict(p) for p in points],
+    }))
+    assert main(["--replot", str(study)]) == 0
+    assert (tmp_path / "tiny-pareto.png").stat().st_size > 0 and (tmp_path / "tiny-best-split.png").stat().st_size > 0
+    [comparison] = json.loads(study.read_text())["comparisons"]
+    assert comparison["workers"] == 4 and comparison["best_goodput_point"].startswith("3:1")
+    assert "| 4 | 2 | 3:1 |" in capsys.readouterr().out
