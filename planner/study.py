@@ -53,7 +53,8 @@ def _fixed(isl: int, osl: int) -> tuple[WorkloadClass, ...]:
 
 # The mixed chat workload measured in section 1 of benchmarks/RESULTS.md (and replayed in section 6).
 MEASURED_MIX = "0.25:2048:32,0.75:128:64"
-# The seed's ISL/OSL settings, and that mix.
+# The seed's ISL/OSL settings, and that mix. Every class has fixed lengths: the closed forms below
+# (lone_request, rate_matched_share) read a class's lengths as `isl.first` and `osl.first`.
 PRESETS: dict[str, tuple[WorkloadClass, ...]] = {
     "isl8192-osl256": _fixed(8192, 256),
     "isl4400-osl1200": _fixed(4400, 1200),
