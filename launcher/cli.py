@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py). "
         "disagg-serve plan --slo-ttft-ms MS --slo-tpot-ms MS --workers N --request-rate R [--workload W] [--out FILE]: "
         "the best context:generation split (planner/plan.py); with --live, from a running server's metrics "
-        "(planner/live.py)")
+        "(planner/live.py). "
+        "disagg-serve study [--preset NAME] [--workers 8,16,32,64] ...: no server; aggregated against every "
+        "context:generation split through the simulator (planner/study.py)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument(
         "--deployment",
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from planner import plan
 
         return plan.main(argv[1:])
+    if argv[:1] == ["study"]:  # the planner's study at scale, not a server: see planner/study.py
+        from planner import study_report
+
+        return study_report.main(argv[1:])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository

@@ -62,15 +62,23 @@ class SimulatedRequest:
 
 @dataclass(frozen=True)
 class Workload:
-    """Requests in sending order, with their send times (open loop) or a concurrency (closed loop)."""
+    """Requests in sending order, with their send times (open loop) or a concurrency (closed loop).
+
+    A closed loop sends its first `concurrency` requests evenly over `ramp_s` (0: all at once).
+    Requests of one length that start together finish together and stay in lockstep waves,
+    which hides an aggregated worker's prefills from its decodes; a ramp spreads them out.
+    """
 
     requests: tuple[SimulatedRequest, ...]
     arrivals_s: tuple[float, ...] | None = None
     concurrency: int | None = None
+    ramp_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.arrivals_s is None) == (self.concurrency is None):
             raise ValueError("give exactly one of arrivals_s and concurrency")
+        if self.ramp_s < 0 or (self.ramp_s > 0 and self.concurrency is None):
+            raise ValueError("ramp_s is a non-negative spread of a closed loop's first requests")
         if self.arrivals_s is not None and len(self.arrivals_s) != len(self.requests):
             raise ValueError("one arrival time per request")
 
@@ -261,8 +269,9 @@ def simulate(calibration: Calibration, deployment: Deployment, workload: Workloa
         clock.at(time + delay, lambda: worker.add(seq))
 
     if workload.concurrency is not None:
-        for _ in range(workload.concurrency):
-            send(next(next_index), 0.0)
+        for k in range(workload.concurrency):
+            index, start = next(next_index), workload.ramp_s * k / workload.concurrency
+            clock.at(start, lambda index=index, start=start: send(index, start))
     else:
         for index, arrival in enumerate(workload.arrivals_s):
             clock.at(arrival, lambda index=index, arrival=arrival: send(index, arrival))

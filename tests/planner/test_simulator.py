@@ -105,3 +105,13 @@ def test_a_request_larger_than_the_kv_cache_is_refused_before_simulating():
     workload = Workload((SimulatedRequest(300, 10),), concurrency=1)
     with pytest.raises(ValueError, match="310 tokens cannot fit a worker's KV cache of 250"):
         simulate(calibration(kv_capacity_tokens=250), one_at_a_time(), workload)
+
+
+def test_a_ramp_spreads_a_closed_loop_s_first_requests_then_keeps_the_loop_closed():
+    workload = Workload(tuple(SimulatedRequest(100, 4) for _ in range(6)), concurrency=3, ramp_s=3.0)
+    measured = simulate(calibration(), Deployment(aggregated_workers=1), workload)
+    assert [m.start_s for m in measured[:3]] == [0.0, 1.0, 2.0]
+    ends = sorted(m.start_s + m.e2e_s for m in measured)
+    assert [m.start_s for m in measured[3:]] == pytest.approx(ends[:3])  # each completion sends the next
+    with pytest.raises(ValueError):
+        Workload((SimulatedRequest(1, 1),), arrivals_s=(0.0,), ramp_s=1.0)
