@@ -41,7 +41,8 @@ def sample(
     """
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    # log_softmax at the chosen token only: no second vocabulary-sized tensor per step.
+    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     for row in sampled_rows:
         scaled = _filtered(logits[row], params[row])
@@ -49,8 +50,7 @@ def sample(
             continue
         probs = torch.softmax(scaled, dim=-1)
         tokens[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
-        logprobs[row] = torch.log_softmax(scaled, dim=-1)
-    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        chosen[row] = scaled[tokens[row]] - torch.logsumexp(scaled, dim=-1)
     return tokens, chosen
 
 
