@@ -23,8 +23,10 @@ from python_backend_utils.environment import resolve_model_dir
 
 # Operator name fragments per category, first match wins.
 CATEGORIES = {
-    "GEMM (projections, MLP, LM head)": ("linear", "addmm", "aten::mm", "matmul", "bmm", "packed_gemm",
-                                         ),
+    # A decode-only step on a CPU runs every layer in one C call: its products, attention and
+    # elementwise work are one row here, and the GEMM row is the LM head's.
+    "decode layers, one C call (cpu_kernels.decode_layers)": ("decode_layers",),
+    "GEMM (projections, MLP, LM head)": ("linear", "addmm", "aten::mm", "matmul", "bmm", "packed_gemm"),
     "attention": ("scaled_dot_product", "_flash_attention", "softmax", "paged_attention"),
     "KV gather/write": ("index_copy", "aten::index", "index_select", "gather", "take"),
     "norms, RoPE, activations": ("rms_norm", "silu", "aten::mul", "aten::add", "aten::cat", "aten::neg", "aten::pow",

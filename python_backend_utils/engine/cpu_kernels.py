@@ -64,9 +64,10 @@ def unpack_rows(panels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 # Rows from which MKL's sgemm beats the kernel: for a prefill-sized product it is worth unpacking
-# the weight for the call (a copy that takes ~1% of the product's time at 2048 rows), and on an
-# AVX2-only CPU MKL multiplies the panels themselves better from 16 rows (benchmarks/RESULTS.md, 7).
-MKL_ROWS = 512
+# the weight for the call (the transposing copy costs ~15% of the product at 512 rows, ~3% at
+# 2048), and on an AVX2-only CPU MKL multiplies the panels themselves better from 16 rows
+# (benchmarks/RESULTS.md, section 7). Below MKL_ROWS the AVX-512 kernel is 0.9-1.0x MKL.
+MKL_ROWS = 1024
 AVX2_MKL_ROWS = 16
 
 
