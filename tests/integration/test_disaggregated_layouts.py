@@ -100,6 +100,6 @@ def test_killing_a_context_instance_loses_no_request(layout_server, baseline):
     assert [generate(layout_server, "ensemble", p) for p in PROMPTS[:2]] == [baseline[p] for p in PROMPTS[:2]]
     # The survivors hold no KV once idle. (The restarted context/1 is left out: its gauge was seen
     # stuck at a nonzero value after the restart, not yet explained; see the issue notes.)
-    used = wait_for_idle_kv(layout_server, timeout_s=40)
+    used = wait_for_idle_kv(layout_server, timeout_s=15)  # half the 30 s TTL: no leak passes by expiring
     survivors = {k: v for k, v in used.items() if 'model="context",version="1"' not in k}
     assert survivors and all(v == 0 for v in survivors.values()), used
