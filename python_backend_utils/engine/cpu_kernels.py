@@ -58,6 +58,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
+def unpack(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [out_features, k] weight that `pack` made `panels` of (a copy)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
+
+
 def unpack_rows(panels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of the weight that `pack` made `panels` of: an embedding lookup in a tied LM head."""
     return panels[rows // PANEL, :, rows % PANEL]
@@ -77,8 +82,7 @@ def packed_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, scal
     bias fp32 [out_features] or None."""
     rows = x.shape[0]
     if panels.dtype == torch.float32 and rows >= MKL_ROWS:
-        weight = panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
-        return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, unpack(panels, out_features), bias)
     if panels.dtype == torch.float32 and isa == ISA_AVX2 and rows >= AVX2_MKL_ROWS:
         out = torch.matmul(x, panels).transpose(0, 1).reshape(rows, -1)[:, :out_features]
         return out + bias if bias is not None else out.contiguous()

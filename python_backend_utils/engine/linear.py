@@ -69,9 +69,7 @@ class Int8Linear:
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 [n, k] weight this layer multiplies by."""
-        weight = self.weight
-        if self.packed:
-            weight = weight.transpose(1, 2).reshape(-1, weight.shape[1])[: self.out_features]
+        weight = cpu_kernels.unpack(self.weight, self.out_features) if self.packed else self.weight
         return weight.float() * self.scale[:, None]
 
     def nbytes(self) -> int:
