@@ -22,6 +22,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from client.datasets import BenchmarkRequest
 from client.metrics import CANCELLED, ERROR, OK, RequestMeasurement
+from python_backend_utils.grpc_streams import end_stream
 
 TEXT_OUTPUT = "text_output"
 # Inputs that make the server generate exactly max_tokens (vLLM's and TensorRT-LLM's names),
@@ -146,11 +147,13 @@ async def stream_request(
     timing = StreamTiming(index, time.perf_counter(), [])
     texts: list[str] = []
     responses = client.stream_infer(one_request())
+    answered = False
     try:
         async for result, error in responses:
             now = time.perf_counter()
             if error is not None:
                 timing.error = str(error)
+                answered = True
                 break
             output = result.as_numpy(TEXT_OUTPUT)
             if output is not None:
@@ -158,6 +161,7 @@ async def stream_request(
                 texts.append(output.reshape(-1)[0].decode("utf-8", errors="replace"))
             if result.get_response().parameters["triton_final_response"].bool_param:
                 timing.final_at = now
+                answered = True
                 break
         else:
             timing.error = "the stream ended before the final response"
@@ -167,7 +171,10 @@ async def stream_request(
         timing.error = f"{type(error).__name__}: {error}"
     finally:
         finished.set()
-        responses.cancel()  # a no-op after the final response; stops generation otherwise
+        if answered:
+            await end_stream(responses)
+        else:
+            responses.cancel()  # stops generation
     timing.text = "".join(texts)
     return timing
 

@@ -21,6 +21,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import np_to_triton_dtype
 
+from python_backend_utils.grpc_streams import end_stream
+
 # An error ends the stream with its gRPC status, so the engine's INVALID_ARG stays a 400.
 STREAM_HEADERS = {"triton_grpc_error": "true"}
 NOT_READY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
@@ -118,19 +120,25 @@ class TritonGenerator:
             await finished.wait()  # our side stays open until the final response
 
         call = self._client.stream_infer(one_request(), headers=STREAM_HEADERS)
+        answered = False
         try:
             async for result, error in call:
                 if error is not None:
+                    answered = True
                     raise GenerationError(f"generation failed: {error.message()}", 500)
                 token_ids = result.as_numpy("output_ids")
                 if token_ids is not None and token_ids.size:
                     log_probs = result.as_numpy("output_log_probs") if params.return_log_probs else None
                     yield TokenChunk(token_ids.tolist(), [] if log_probs is None else log_probs.tolist())
                 if result.get_response().parameters["triton_final_response"].bool_param:
+                    answered = True
                     return
             raise GenerationError("the stream ended before its final response", 500)
         except grpc.aio.AioRpcError as error:
             raise _classify(error) from None
         finally:
             finished.set()
-            call.cancel()  # a no-op after the final response
+            if answered:
+                await end_stream(call)
+            else:
+                call.cancel()  # the client left, or the call broke: stop the request everywhere

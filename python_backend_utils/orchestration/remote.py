@@ -20,6 +20,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import np_to_triton_dtype
 
+from python_backend_utils.grpc_streams import end_stream
+
 logger = logging.getLogger(__name__)
 
 STREAM_HEADERS = {"triton_grpc_error": "true"}
@@ -77,16 +79,18 @@ class RemoteStream:
         self._call = call
         self._where = where
         self._on_end = on_end
+        self._answered = False  # the final response (or an in-band error) came
         self._ended = False
+        self._ending: asyncio.Task | None = None
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
         """The next response's outputs, or None at the end; raises asyncio.TimeoutError, ClientError
         or WorkerFailed (TargetUnreachable when the server could not be reached or went away).
 
-        Once the final response has come the call is never read again: ending the stream may close
-        the client of a server that left the deployment, and reading a call of a closed client
-        raises CancelledError."""
-        while not self._ended:
+        After the final response the server ends the call by itself; it is read to that end in
+        the background (grpc_streams.py says why), and only then does the stream count as
+        ended, which may close the client of a server that left the deployment."""
+        while not self._answered:
             try:
                 result, error = await asyncio.wait_for(self._call.__anext__(), timeout)
             except StopAsyncIteration:
@@ -96,21 +100,33 @@ class RemoteStream:
                 self._end()
                 raise classify(rpc_error, self._where) from None
             if error is not None:  # a server without triton_grpc_error support reports errors in-band
-                self._end()
+                self._answer()
                 raise WorkerFailed(f"{self._where}: {error.message()}")
             response = result.get_response()
             outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
             final = response.parameters.get("triton_final_response")
             if final is not None and final.bool_param:
-                self._end()
+                self._answer()
             if outputs:
                 return outputs
         return None
 
     def cancel(self) -> None:
-        if not self._ended:
+        """Stop the request on the worker, unless it has answered (then its call is ending)."""
+        if not self._answered and not self._ended:
             self._call.cancel()
             self._end()
+
+    def _answer(self) -> None:
+        self._answered = True
+
+        async def wait_for_the_end() -> None:
+            try:
+                await end_stream(self._call)
+            finally:
+                self._end()
+
+        self._ending = asyncio.get_running_loop().create_task(wait_for_the_end())
 
     def _end(self) -> None:
         if not self._ended:
