@@ -10,7 +10,7 @@ DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 COUNTERS = (
     # sender side
-    "handles_published", "handles_pulled", "handles_revoked", "handles_expired",
+    "handles_published", "handles_pulled", "handles_revoked", "handles_expired", "handles_abandoned",
     "pulls_served", "pulls_refused", "serves_failed", "bytes_sent", "bytes_staged_sent",
     # receiver side
     "pulls_started", "pulls_completed", "pulls_failed", "bytes_received", "bytes_read_shared",

@@ -44,6 +44,7 @@ from .transport import MESSAGES_IN_FLIGHT, Message, Transport
 from .wire import (
     CONTROL_TAG,
     MAX_RESPONSE_BYTES,
+    PullAbandoned,
     PullDone,
     PullRequest,
     PullResponse,
@@ -51,6 +52,11 @@ from .wire import (
     data_tag,
     response_tag,
 )
+
+# Pulls that fail these ways leave the sender nothing to free early: refused or expired there,
+# refused here before asking (another receiver may still pull it), or this agent is closing.
+_NOTHING_TO_ABANDON = (AgentClosedError, PullRefusedError, PeerNotAllowedError, HandleExpiredError,
+                       LayoutMismatchError)
 
 
 class Receiver:
@@ -351,13 +357,25 @@ class Receiver:
             if any(s.copy is not None for s in pull.subs):  # a read ahead of a refusal leaves nothing behind
                 self._pool.tensor[torch.tensor(pull.dest_block_ids)] = 0
             self._metrics.add("pulls_failed")
-            pull.future.set_exception(errors[0] if errors else AgentClosedError("pull abandoned"))
+            error = errors[0] if errors else AgentClosedError("pull abandoned")
+            if not isinstance(error, _NOTHING_TO_ABANDON):
+                self._abandon(pull)
+            pull.future.set_exception(error)
             return
         duration = time.perf_counter() - pull.started
         self._metrics.add("pulls_completed")
         self._metrics.observe("pull_duration_s", duration)
         received = sum(s.bytes_received for s in pull.subs)
         pull.future.set_result(PullResult(pull.future.request_id, pull.num_tokens, received, duration))
+
+    def _abandon(self, pull: Pull) -> None:
+        """Tell each sender whose part did not arrive that nobody will pull it (the request is
+        prefilled here instead), so it frees the blocks now, not at the handle's expiry."""
+        deadline = time.monotonic() + self._config.response_timeout_s
+        for sub in pull.subs:
+            if sub.phase is not Phase.DONE and sub.handle.agent_process.is_alive() is not False:
+                abandoned = PullAbandoned(self._config.name, sub.handle.request_id, sub.handle.secret).to_bytes()
+                self._transport.send_control(sub.handle.agent_address, abandoned, CONTROL_TAG, deadline)
 
     def check_liveness(self) -> None:
         for pull in self.pulls:

@@ -39,7 +39,17 @@ from .metrics import TransferMetrics
 from .pool import LocalPool
 from .staging import Staging
 from .transport import MESSAGES_IN_FLIGHT, Message, Transport
-from .wire import MAX_MESSAGES, PullDone, PullRequest, PullResponse, PullStatus, data_tag, response_tag
+from .wire import (
+    MAX_MESSAGES,
+    ControlMessage,
+    PullAbandoned,
+    PullDone,
+    PullRequest,
+    PullResponse,
+    PullStatus,
+    data_tag,
+    response_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,7 @@ class ReleaseReason(str, enum.Enum):
     PULLED = "pulled"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    ABANDONED = "abandoned"  # its pull failed and the receiver prefills instead
 
 
 ReleaseCallback = Callable[[str, ReleaseReason], None]
@@ -182,10 +193,12 @@ class Sender:
             self._maybe_release(published)
 
     def receive_control(self, now: float) -> bool:
-        """Answer the pull requests and take the PullDones that arrived."""
-        def on_control(message: PullRequest | PullDone) -> None:
+        """Answer the pull requests and take the PullDones and PullAbandoneds that arrived."""
+        def on_control(message: ControlMessage) -> None:
             if isinstance(message, PullDone):
                 self._on_pull_done(message, now)
+            elif isinstance(message, PullAbandoned):
+                self._on_pull_abandoned(message)
             else:
                 self._on_pull_request(message, now)
         return self._transport.receive_control(on_control)
@@ -244,6 +257,15 @@ class Sender:
         if (sizes <= 0).any() or sizes.max() * block_bytes > self._pool.max_message_bytes:
             return 0
         return block_bytes
+
+    def _on_pull_abandoned(self, abandoned: PullAbandoned) -> None:
+        """A receiver this agent serves, holding the handle (it knows the secret), will not pull:
+        release once no serve runs."""
+        with self._lock:
+            published = self._published.get(abandoned.request_id)
+        if (published is not None and self._config.allows(abandoned.receiver_name)
+                and hmac.compare_digest(published.secret, abandoned.secret)):
+            self.end(abandoned.request_id, ReleaseReason.ABANDONED)
 
     def _on_pull_done(self, done: PullDone, now: float) -> None:
         serve = self._readers.get((done.reply_address, done.pull_id))

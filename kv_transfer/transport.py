@@ -26,8 +26,7 @@ from .staging import Staging, StagingArena
 from .wire import (
     CONTROL_TAG,
     MAX_CONTROL_BYTES,
-    PullDone,
-    PullRequest,
+    ControlMessage,
     check_worker_address,
     decode_control,
     seal,
@@ -136,7 +135,7 @@ class Transport:
         """The frame of a control message sent to this agent (UnauthenticatedMessageError if forged)."""
         return unseal(data, self._key, self.address)
 
-    def receive_control(self, handle: Callable[[PullRequest | PullDone], None]) -> bool:
+    def receive_control(self, handle: Callable[[ControlMessage], None]) -> bool:
         """Hand the control messages that arrived to `handle`; unauthenticated and malformed ones are
         counted and dropped, before anything in them is used."""
         worked = False

@@ -290,9 +290,36 @@ class PullDone:
         return msg
 
 
-def decode_control(data: bytes | memoryview) -> PullRequest | PullDone:
+@dataclass(frozen=True)
+class PullAbandoned:
+    """Receiver to sender, after its pull of the request failed: it prefills instead and will not
+    pull again, so the blocks may be released now rather than at the handle's expiry."""
+
+    receiver_name: str
+    request_id: str
+    secret: bytes
+
+    MAGIC = b"KVA1"
+
+    def to_bytes(self) -> bytes:
+        return Writer().text(self.receiver_name).text(self.request_id).blob(self.secret).frame(self.MAGIC)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> PullAbandoned:
+        r = Reader(data, cls.MAGIC)
+        msg = cls(r.text(), r.text(), r.blob())
+        r.done()
+        return msg
+
+
+ControlMessage = PullRequest | PullDone | PullAbandoned
+
+
+def decode_control(data: bytes | memoryview) -> ControlMessage:
     kind = bytes(memoryview(data)[:4])
-    return PullDone.from_bytes(data) if kind == PullDone.MAGIC else PullRequest.from_bytes(data)
+    decode = {PullDone.MAGIC: PullDone.from_bytes, PullAbandoned.MAGIC: PullAbandoned.from_bytes}.get(
+        kind, PullRequest.from_bytes)
+    return decode(data)
 
 
 class PullStatus(enum.IntEnum):

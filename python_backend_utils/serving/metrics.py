@@ -80,6 +80,7 @@ TRANSFER_METRICS = {
     "kv_pulls_refused_total": "pull requests refused (wrong secret, unknown or expired handle)",
     "kv_unauthenticated_messages_total": "KV control messages dropped for lacking a valid deployment-key MAC",
     "kv_handles_expired_total": "published KV released unpulled at its time-to-live",
+    "kv_handles_abandoned_total": "published KV released when its puller gave up after a failed pull",
     "kv_pinned_blocks": "KV blocks pinned for a pull",
     "kv_pull_seconds_total": "time spent in completed pulls",
 }

@@ -158,6 +158,7 @@ class LLMModel:
                 "kv_pulls_refused_total": t["pulls_refused"],
                 "kv_unauthenticated_messages_total": t["unauthenticated_messages"],
                 "kv_handles_expired_total": t["handles_expired"],
+                "kv_handles_abandoned_total": t["handles_abandoned"],
                 "kv_pinned_blocks": t["pinned_blocks"],
                 "kv_pull_seconds_total": t["pull_duration_s"]["sum"],
             })

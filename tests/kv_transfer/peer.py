@@ -206,6 +206,7 @@ def _rogue_main(conn) -> None:
         PullResponse,
         PullStatus,
         data_tag,
+        decode_control,
         response_tag,
     )
 
@@ -254,9 +255,9 @@ def _rogue_main(conn) -> None:
             conn.send("ok")
         if not incoming.completed:
             continue
-        pull = PullRequest.from_bytes(buffer)
+        pull = decode_control(buffer)
         incoming = worker.tag_recv(Array(buffer), ucx_api.UCXXTag(CONTROL_TAG))
-        if mode == "silent":
+        if mode == "silent" or not isinstance(pull, PullRequest):  # a PullAbandoned after a failed pull
             continue
         endpoint = endpoint_to(pull.reply_address)
         accepted = PullResponse(pull.pull_id, PullStatus.ACCEPTED).to_bytes()

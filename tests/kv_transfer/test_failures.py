@@ -4,6 +4,8 @@ Peers are real processes: agents that get SIGKILLed mid-transfer, and a raw-ucxx
 the protocol on purpose (tests.kv_transfer.peer.RogueSender).
 """
 
+import os
+import signal
 import time
 
 import pytest
@@ -129,6 +131,26 @@ def test_an_overdue_pull_ends_only_once_nothing_writes_its_blocks(shared, timeou
             time.sleep(0.5)
             assert torch.equal(agent._pool, landed)
             assert agent.metrics.snapshot()["pulls_failed"] == 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_pull_given_up_on_frees_the_senders_blocks_once_it_runs_again(shared):
+    """The sender froze past the receiver's response timeout: the pull fails, the receiver (which
+    prefills instead) says so, and the sender frees the blocks on resuming, not at the handle's
+    expiry (30 s), which used to hold them while nobody would ever pull."""
+    with Peer() as peer:
+        peer.call("create_agent", "ctx", SMALL.to_dict(), 8, 1, {"name": "ctx"})
+        handle = KVHandle.from_bytes(peer.call("publish", "ctx", "req", [0, 1], 16))
+        with agent_for(SMALL, name="gen", use_shared_memory=shared, response_timeout_s=0.5) as agent:
+            os.kill(peer.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(PeerUnreachableError):
+                    agent.pull(handle, [0, 1]).result(timeout=5)
+            finally:
+                os.kill(peer.pid, signal.SIGCONT)
+            wait_until(lambda: peer.call("releases_of", "ctx") == [("req", "abandoned")], 5)
+            assert peer.call("metrics", "ctx")["pinned_blocks"] == 0
+            assert_clean(agent)
 
 
 def test_sender_gone_before_the_pull_is_unreachable():

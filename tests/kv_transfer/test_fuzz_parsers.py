@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 from kv_transfer import KVHandle, KVLayout, MalformedMessageError
 from kv_transfer.layout import SharedPool
 from kv_transfer.liveness import ProcessIdentity
-from kv_transfer.wire import WIRE_VERSION, PullDone, PullRequest, PullResponse, PullStatus, decode_control
+from kv_transfer.wire import (
+    WIRE_VERSION,
+    PullAbandoned,
+    PullDone,
+    PullRequest,
+    PullResponse,
+    PullStatus,
+    decode_control,
+)
 from python_backend_utils.serving.context_params import (
     ContextPhaseParams,
     ForgedContextParamsError,
@@ -217,8 +225,9 @@ pull_requests = st.builds(
     st.text(max_size=30), st.binary(max_size=32), st.tuples(u32, u32), st.tuples(u32, u32), st.booleans(),
     st.lists(u32, max_size=20).map(tuple))
 pull_dones = st.builds(PullDone, u64, st.binary(max_size=64), st.binary(max_size=32))
+pull_abandoneds = st.builds(PullAbandoned, st.text(max_size=20), st.text(max_size=30), st.binary(max_size=32))
 pull_responses = st.builds(PullResponse, u64, st.sampled_from(list(PullStatus)))
-MESSAGE_TYPES = [PullRequest, PullDone, PullResponse]
+MESSAGE_TYPES = [PullRequest, PullDone, PullAbandoned, PullResponse]
 
 
 def parse_message(kind, data: bytes):
@@ -244,7 +253,7 @@ def test_control_from_arbitrary_framed_bodies(body, kind, through_decode_control
 
 
 @FUZZ
-@given(st.data(), st.one_of(pull_requests, pull_dones, pull_responses))
+@given(st.data(), st.one_of(pull_requests, pull_dones, pull_abandoneds, pull_responses))
 def test_control_mutated_before_and_after_framing(data, message):
     valid = message.to_bytes()
     kind = type(message)
