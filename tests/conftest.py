@@ -9,7 +9,9 @@ import pytest
 from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.ports import free_server_ports
-from tests.helpers import PROMPTS, generate
+from tests.helpers import PROMPTS, generate, wait_for_idle_kv
+
+KV_RELEASE_TIMEOUT_S = 10  # a third of a KV handle's 30 s TTL: a pinned handle cannot pass by expiring
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +35,17 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
 def aggregated_answers(triton_server: TritonServer) -> dict[str, str]:
     """The session server's aggregated answer to each of PROMPTS: what every other path must equal."""
     return {prompt: generate(triton_server, "ensemble_aggregated", prompt) for prompt in PROMPTS}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kv_released_by_each_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that used the session server leaves no KV behind: checked within seconds of its last
+    test, so a leak is blamed on the module that made it, and never hidden by the handles' TTL."""
+    if not any("triton_server" in item.fixturenames for item in request.session.items
+               if item.getparent(pytest.Module) is request.node):
+        yield
+        return
+    server = request.getfixturevalue("triton_server")
+    yield
+    used = wait_for_idle_kv(server, timeout_s=KV_RELEASE_TIMEOUT_S)
+    assert used and all(v == 0 for v in used.values()), f"KV blocks still in use after this module: {used}"

@@ -70,6 +70,14 @@ def metric_values(server, name: str) -> dict[str, float]:
     return values
 
 
+def holds_work(server, model: str | None = None) -> bool:
+    """The server (or its `model`) holds requests: prefilling, decoding, pulling or holding KV for a
+    pull (gauges published every engine step). A fault struck then cannot miss the load."""
+    return sum(value for name in ("running", "awaiting_kv", "kv_held")
+               for labels, value in metric_values(server, f"disagg_sequences_{name}").items()
+               if model is None or f'model="{model}"' in labels) >= 1
+
+
 def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:

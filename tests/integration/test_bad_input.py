@@ -37,12 +37,6 @@ TOKENS = list(range(1000, 1020))  # in-vocabulary ids, for requests straight to 
 HUGE_ID = 100_000_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def idle_before_the_corpus(triton_server) -> None:
-    """Start from no KV in use, so that what an earlier module left pinned (up to its TTL) is not blamed on this one."""
-    wait_for_idle_kv(triton_server, timeout_s=40)
-
-
 def stream(url: str, model: str, arrays: dict[str, np.ndarray], *, request_id: str = "",
            timeout_s: float = 120.0) -> tuple[list[grpcclient.InferResult], str | None]:
     """Every response of one gRPC streaming request, and its error (None if it ended cleanly)."""

@@ -8,24 +8,35 @@ aggregated path.
 
 from __future__ import annotations
 
+import collections
+import http.client
 import json
 import os
+import queue
+import random
 import signal
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tritonclient.grpc as grpcclient
 
+from client.generate import GenerateRequest, infer_inputs
 from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv, wait_until
+from tests.helpers import PROMPTS, generate, holds_work, metric_values, stub_pids, wait_for_idle_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
 TRANSFER_TIMEOUT_S = 3
+# Under the orchestrator's 20 s wait for a context answer: a stub frozen past it is sent a `stop`,
+# and a context stub frozen for 6 s and sent requests meanwhile took the whole tritonserver down
+# (the stub segfaulted in shared memory once resumed, then boost::interprocess::lock_exception in
+# the Python backend's execute, Triton 2.51).
+FREEZE_S = 6
 REQUEST_DEADLINE_S = 240  # far above any answer here: reaching it means a request hung
 
 
@@ -93,17 +104,10 @@ def under_load(server, fault, strike_when) -> list[tuple[str, str, str]]:
     return [(p, kind, text) for p, (kind, text) in zip(prompts, results)]
 
 
-def after(seconds: float):
-    deadline = time.monotonic() + seconds
-    return lambda: time.monotonic() >= deadline
-
-
-def serving(server, model: str) -> bool:
-    """`model`'s instance holds requests: prefilling, decoding, pulling or holding KV for a pull
-    (gauges published every engine step). A fault struck then cannot miss the load."""
-    return sum(value for name in ("running", "awaiting_kv", "kv_held")
-               for labels, value in metric_values(server, f"disagg_sequences_{name}").items()
-               if f'model="{model}"' in labels) >= 1
+def recovered(server) -> float:
+    """Requests prefilled on the generation instance instead: the orchestrator's context fallbacks
+    and the generation instance's failed pulls. A fault that struck mid-transfer raises it."""
+    return total(server, "disagg_orchestrator_context_fallbacks_total") + total(server, "disagg_kv_pull_fallbacks_total")
 
 
 def assert_serves_correctly(server, answers) -> None:
@@ -134,12 +138,12 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
 
     def freeze():
         os.kill(victim, signal.SIGSTOP)
-        time.sleep(TRANSFER_TIMEOUT_S * 2)
+        time.sleep(FREEZE_S)
         os.kill(victim, signal.SIGCONT)
 
-    counts = check(under_load(server, freeze, after(2.0)), aggregated_answers)
+    counts = check(under_load(server, freeze, lambda: holds_work(server, "context")), aggregated_answers)
     print("context stub SIGSTOP:", counts)
-    assert counts["correct"] == 8
+    assert counts["correct"] == 8  # it froze holding work: waited out, or prefilled again elsewhere
     assert_serves_correctly(server, aggregated_answers)
     # Half the KV handles' 30 s TTL: KV left pinned by the freeze must not pass as idle by expiring.
     used = wait_for_idle_kv(server, timeout_s=15)
@@ -149,10 +153,12 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
 
 def test_2_context_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "context")
-    reloads_before = reloads(server)
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), after(1.0)), aggregated_answers)
+    reloads_before, before = reloads(server), recovered(server)
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: holds_work(server, "context")),
+                   aggregated_answers)
     print("context stub SIGKILL:", counts)
     assert counts["correct"] == 8  # prefilled on the generation instance instead: nothing is lost
+    wait_until(lambda: recovered(server) > before, timeout_s=10)  # it died holding work
     assert_serves_correctly(server, aggregated_answers)  # and so are the requests that follow
 
     wait_for_replacement(server, "context", victim, reloads_before)
@@ -169,11 +175,87 @@ def test_3_generation_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "generation")
     reloads_before = reloads(server)
     started = time.monotonic()
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: serving(server, "generation")),
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: holds_work(server, "generation")),
                    aggregated_answers)
     print("generation stub SIGKILL:", counts, f"{time.monotonic() - started:.1f} s")
     assert counts["error"] >= 1
     assert time.monotonic() - started < 60  # errors come fast, not at a timeout
 
     wait_for_replacement(server, "generation", victim, reloads_before)
+    assert_serves_correctly(server, aggregated_answers)
+
+
+SOAK_WORKERS = 8
+SOAK_SECONDS = 40
+SOAK_MAX_TOKENS = 16  # what a cancelled stream may still decode: Triton 2.51 does not pass the
+# cancellation of an `ensemble` request on to the model already running it
+
+
+def cancel_after_first_response(server, prompt: str) -> None:
+    """A gRPC stream the client cancels as soon as the first token arrives."""
+    client = grpcclient.InferenceServerClient(server.urls.grpc)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        arrays = GenerateRequest(prompt, max_tokens=SOAK_MAX_TOKENS, stream=True).arrays()
+        client.async_stream_infer("ensemble", infer_inputs(arrays))
+        responses.get(timeout=REQUEST_DEADLINE_S)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def disconnect_after_first_event(server, prompt: str) -> None:
+    """An HTTP client of /generate_stream that goes away after the first server-sent event."""
+    host, port = server.urls.http.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=REQUEST_DEADLINE_S)
+    try:
+        body = {"text_input": prompt, "max_tokens": SOAK_MAX_TOKENS, "exclude_input_in_output": True}
+        connection.request("POST", "/v2/models/ensemble/generate_stream", json.dumps(body),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        response.readline()
+    finally:
+        connection.close()
+
+
+def test_4_soak_with_cancellations_disconnects_and_a_stub_kill(server, aggregated_answers):
+    """Clients that finish, cancel or hang up, with the context stub killed mid-work: every answer
+    that completes is right, none fails, and afterwards no KV block is held anywhere."""
+    victim = stub_pid(server, "context")
+    reloads_before = reloads(server)
+    deadline = time.monotonic() + SOAK_SECONDS
+    kinds = collections.Counter()
+
+    def worker(seed: int) -> list[tuple[str, str, str]]:
+        rng = random.Random(seed)
+        results = []
+        while time.monotonic() < deadline:
+            prompt = rng.choice(PROMPTS)
+            kind = rng.choices(["complete", "cancel", "disconnect"], weights=[3, 1, 1])[0]
+            kinds[kind] += 1
+            if kind == "complete":
+                results.append((prompt, *outcome(server, prompt)))
+            elif kind == "cancel":
+                cancel_after_first_response(server, prompt)
+            else:
+                disconnect_after_first_event(server, prompt)
+        return results
+
+    with ThreadPoolExecutor(SOAK_WORKERS) as pool:
+        futures = [pool.submit(worker, seed) for seed in range(SOAK_WORKERS)]
+        time.sleep(SOAK_SECONDS / 3)
+        wait_until(lambda: holds_work(server, "context"), timeout_s=30, interval_s=0.02)
+        os.kill(victim, signal.SIGKILL)
+        results = [r for f in futures for r in f.result(timeout=SOAK_SECONDS + REQUEST_DEADLINE_S)]
+    counts = check(results, aggregated_answers)
+    print("soak:", dict(kinds), counts)
+    assert counts["error"] == 0 and counts["correct"] >= 10
+    assert kinds["cancel"] >= 3 and kinds["disconnect"] >= 3
+
+    wait_for_replacement(server, "context", victim, reloads_before)
+    # Cancelled and abandoned requests decode at most SOAK_MAX_TOKENS; then every block is free.
+    used = wait_for_idle_kv(server, timeout_s=15)
+    assert used and all(v == 0 for v in used.values()), used
     assert_serves_correctly(server, aggregated_answers)

@@ -24,7 +24,7 @@ from launcher.cli import MODES
 from launcher.ports import free_server_ports
 from launcher.repository import set_parameter
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, crash_lines, generate, metric_values, wait_until
+from tests.helpers import PROMPTS, crash_lines, generate, holds_work, metric_values, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,7 @@ def test_killing_the_context_server_loses_no_request(cluster, aggregated_answers
     before = recovered()
     with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
         running = [pool.submit(generate, orchestrator, "ensemble", p) for p in PROMPTS]
-        time.sleep(1.0)
+        wait_until(lambda: holds_work(context), timeout_s=60, interval_s=0.02)  # killed mid-work, not on a timer
         os.killpg(context.pid, signal.SIGKILL)  # the whole server: tritonserver and its stubs
         # Sent after the kill: they reach a dead server (or one already out of rotation).
         running += [pool.submit(generate, orchestrator, "ensemble", p) for p in PROMPTS]
