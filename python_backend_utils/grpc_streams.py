@@ -2,8 +2,8 @@
 
 Cancelling a stream just after its final response came races Triton 2.51's stream handler: the
 server can then keep the request, and with it the model, forever, so unloading the model and
-stopping the server hang until Triton's exit timeout (seen in the scale-out test, and in 1 of 2
-runs of 96 streams closed that way; 0 of 2 when each stream was read to its end first). Once
+stopping the server hang until Triton's exit timeout (seen in the scale-out test, and in 3 of 4
+runs of 96 streams closed that way; 0 of 5 when each stream was read to its end first). Once
 our side of the stream is closed, the server ends the call on its own after the final response:
 wait for that, and cancel only a call that does not end.
 """
