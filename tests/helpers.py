@@ -88,7 +88,7 @@ def wait_for_idle_kv(server, timeout_s: float = 10.0) -> dict[str, float]:
 
 
 # What a crashed process leaves in a server log (UCX's handler, Triton's own signal report).
-CRASH_LINE = re.compile(r"Caught signal|Segmentation fault|backtrace|Signal \(11\)")
+CRASH_LINE = re.compile(r"Caught signal|Segmentation fault|backtrace|Signal \((11|6)\)|terminate called")
 
 
 def crash_lines(log_text: str) -> list[str]:

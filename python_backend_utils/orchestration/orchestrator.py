@@ -347,7 +347,8 @@ class Orchestrator:
         except asyncio.TimeoutError:
             raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
         return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
-            self._stub_generations.get(target, 0) == generation and self.stub_running(target)))
+            self._stub_generations.get(target, 0) == generation and self.stub_running(target)),
+            stub_lost=functools.partial(self._stub_lost, target, generation))
 
     async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
         """`future`'s result within `timeout`, checking the target's stub process whenever the wait
@@ -361,6 +362,7 @@ class Orchestrator:
                 if loop.time() >= deadline:
                     raise
             if self._stub_generations.get(target, 0) != generation or not self.stub_running(target):
+                self._stub_lost(target, generation)
                 raise StubDied(f"{target}: its stub process died while the request ran there")
 
     async def _stop_local(self, target: Target, worker_id: str) -> None:
@@ -371,22 +373,31 @@ class Orchestrator:
             requested_output_names=[],
             request_id=worker_id,
         )
+        lost = functools.partial(self._stub_lost, target, self._stub_generations.get(target, 0))
         submitting = held(asyncio.ensure_future(stop.async_exec(decoupled=True)))
         submitted = await asyncio.wait_for(asyncio.shield(submitting), STOP_TIMEOUT_S)
-        await LocalStream(submitted, self._executor, target).next(STOP_TIMEOUT_S)
+        await LocalStream(submitted, self._executor, target, stub_lost=lost).next(STOP_TIMEOUT_S)
 
     def stub_replaced(self, target: Target) -> None:
         """The stub of a local target died or was replaced: requests opened before run on a dead one."""
         self._stub_generations[target] = self._stub_generations.get(target, 0) + 1
 
-    async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
-        """After a failed call: an unreachable server or a dead stub leaves rotation, a live one is told to stop."""
-        if isinstance(error, TargetUnreachable):
-            self.on_unreachable(target)
-        elif isinstance(error, StubDied) and not self.stub_running(target):  # Triton calls a frozen stub unhealthy too
+    def _stub_lost(self, target: Target, generation: int) -> None:
+        """A request found the stub it ran on dead, or Triton gave up on it ("not healthy": it stopped
+        answering for a second). Either way the instance is reloaded, and the old stub, if its process
+        lives, is killed first (StubRecovery): Triton has failed and freed the requests it had queued
+        for it, and a frozen stub that resumes reads that freed shared memory and takes the server
+        down with it (seen with 2.51). Reported once per stub: a later generation is another stub."""
+        if self._stub_generations.get(target, 0) == generation:
             self.stub_replaced(target)
             self.on_stub_died(target)
-        else:
+
+    async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
+        """After a failed call: an unreachable server leaves rotation, a live instance is told to stop
+        (a lost stub was reported by the stream that found out, and is being replaced)."""
+        if isinstance(error, TargetUnreachable):
+            self.on_unreachable(target)
+        elif not isinstance(error, StubDied):
             await self._stop(target, worker_id)
 
     async def _stop(self, target: Target, worker_id: str) -> None:

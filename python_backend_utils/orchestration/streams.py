@@ -29,7 +29,8 @@ class WorkerStream(Protocol):
 
 
 class StubDied(WorkerFailed):
-    """The instance on this server lost its stub process: it fails every request until reloaded."""
+    """The instance on this server lost its stub process, or Triton gave up on a frozen one: it
+    fails every request until reloaded."""
 
 
 async def wait_plainly(future: asyncio.Future, timeout: float):
@@ -40,16 +41,17 @@ class LocalStream:
     """Async access to the blocking response iterator of a BLS request to a model on this server.
 
     `wait(future, timeout)` waits for each response: the orchestrator's checks the instance's
-    stub while it waits."""
+    stub while it waits. `stub_lost()` is called before StubDied is raised."""
 
     def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target,
                  wait: Callable[[asyncio.Future, float], Awaitable] = wait_plainly,
-                 stub_lived: Callable[[], bool] = lambda: True) -> None:
+                 stub_lived: Callable[[], bool] = lambda: True, stub_lost: Callable[[], None] = lambda: None) -> None:
         self._iterator = iterator
         self._executor = executor
         self._where = where
         self._wait = wait
         self._stub_lived = stub_lived
+        self._stub_lost = stub_lost
         self._pending: asyncio.Future | None = None
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
@@ -63,14 +65,17 @@ class LocalStream:
             self._pending = None
             if response is _END:
                 if not self._stub_lived():  # Triton may end the stream of a killed stub without an error
+                    self._stub_lost()
                     raise StubDied(f"{self._where}: its stub process died before the request finished")
                 return None
             if response.has_error():
                 error = response.error()
                 if error.code() == pb_utils.TritonError.INVALID_ARG or is_client_error_message(error.message()):
                     raise ClientError(error.message())
-                failure = StubDied if is_dead_stub_error(error.message()) else WorkerFailed
-                raise failure(f"{self._where}: {error.message()}")
+                if is_dead_stub_error(error.message()):
+                    self._stub_lost()
+                    raise StubDied(f"{self._where}: {error.message()}")
+                raise WorkerFailed(f"{self._where}: {error.message()}")
             outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
             if outputs:
                 return outputs

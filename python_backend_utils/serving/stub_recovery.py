@@ -11,8 +11,10 @@ model-control mode, which the launcher uses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,8 +22,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Triton's words for a request that reached an instance whose stub is gone.
-DEAD_STUB_MESSAGE = "is not healthy"
+# Triton's words for a request that reached an instance whose stub is gone or stopped answering.
+DEAD_STUB_MESSAGES = ("is not healthy", "Failed to obtain the health mutex")
 
 
 # The exit status of a stub that ends itself because its engine loop died (EX_SOFTWARE).
@@ -31,7 +33,7 @@ ENGINE_DEAD_GRACE_S = 1.0
 
 
 def is_dead_stub_error(message: str) -> bool:
-    return DEAD_STUB_MESSAGE in message
+    return any(words in message for words in DEAD_STUB_MESSAGES)
 
 
 def exit_stub(error: BaseException, grace_s: float = ENGINE_DEAD_GRACE_S) -> None:
@@ -57,6 +59,21 @@ def _is_live_stub(pid: int, model_file: bytes, proc: Path) -> bool:
     except (OSError, IndexError):
         return False
     return b"triton_python_backend_stub" in cmdline and model_file in cmdline and state != "Z"
+
+
+def kill_stubs(repository: Path, model_name: str, version: int, timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL what lives of a stub Triton gave up on, before its instance is reloaded: Triton 2.51
+    fails and frees the requests it had queued for a stub that stopped answering, and one that
+    resumes reads that freed shared memory, crashes, and aborts tritonserver with it."""
+    killed = []
+    for pid in stub_pids(repository, model_name, version):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    deadline = time.monotonic() + timeout_s
+    while killed and stub_pids(repository, model_name, version) and time.monotonic() < deadline:
+        time.sleep(0.01)  # gone, or a zombie: dead before its replacement starts
+    return killed
 
 
 class StubWatch:
@@ -117,7 +134,9 @@ class StubRecovery:
                 self._finished[(model_name, version)] = time.monotonic()
 
     def _load(self, model_name: str, version: int) -> None:
-        logger.warning("the stub of %s version %d died: reloading that version", model_name, version)
+        killed = kill_stubs(self._repository, model_name, version)
+        logger.warning("the stub of %s version %d was lost%s: reloading that version", model_name, version,
+                       f" (killed its frozen process {killed})" if killed else "")
         try:
             os.utime(self._repository / model_name / str(version))  # what makes Triton reload it
             self._load_model(model_name)

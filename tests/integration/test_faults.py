@@ -9,6 +9,7 @@ aggregated path.
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -27,7 +28,16 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, generate, holds_work, metric_values, stub_pids, wait_for_idle_kv, wait_until
+from tests.helpers import (
+    PROMPTS,
+    crash_lines,
+    generate,
+    holds_work,
+    metric_values,
+    stub_pids,
+    wait_for_idle_kv,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -72,9 +82,9 @@ def reloads(server) -> float:
     return total(server, "disagg_orchestrator_stub_reloads_total")
 
 
-def wait_for_replacement(server, model: str, victim: int, reloads_before: float) -> None:
+def wait_for_replacement(server, model: str, victim: int, reloads_before: float, timeout_s: float = 180) -> None:
     """The orchestrator reloaded the dead instance, which runs a new stub and is back in rotation."""
-    wait_until(lambda: reloads(server) > reloads_before, timeout_s=180, interval_s=1)
+    wait_until(lambda: reloads(server) > reloads_before, timeout_s=timeout_s, interval_s=1)
     assert stub_pids(server, model) not in ([], [victim])
     assert in_rotation(server, model)
 
@@ -151,7 +161,28 @@ def test_1_context_stub_frozen_past_the_transfer_timeout(server, aggregated_answ
     wait_until(lambda: len(stub_pids(server, "context")) == 1 and in_rotation(server, "context"), timeout_s=180)
 
 
-def test_2_context_stub_killed_under_load(server, aggregated_answers):
+def test_2_a_stub_triton_gave_up_on_is_replaced_never_resumed(server, aggregated_answers):
+    """Frozen before the requests come, the context stub is called "not healthy" by Triton, which
+    fails and frees the requests it had queued for it. Resumed, that stub read the freed shared
+    memory, segfaulted, and tritonserver aborted with it (boost::interprocess::lock_exception,
+    Triton 2.51). The orchestrator kills such a stub and reloads its instance instead."""
+    victim = stub_pid(server, "context")
+    reloads_before = reloads(server)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        counts = check(under_load(server, lambda: None, lambda: True), aggregated_answers)
+        print("context stub frozen before the requests:", counts)
+        assert counts["correct"] == 8  # prefilled on the generation instance
+        wait_for_replacement(server, "context", victim, reloads_before, timeout_s=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert not any(pid == victim for pid in stub_pids(server, "context"))
+    assert_serves_correctly(server, aggregated_answers)
+    assert server.running and not crash_lines(server.log_file.read_text(errors="replace"))
+
+
+def test_3_context_stub_killed_under_load(server, aggregated_answers):
     victim = stub_pid(server, "context")
     reloads_before, before = reloads(server), recovered(server)
     counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: holds_work(server, "context")),
@@ -170,7 +201,7 @@ def test_2_context_stub_killed_under_load(server, aggregated_answers):
     assert total(server, "disagg_orchestrator_context_fallbacks_total") == fallbacks  # prefilled on context again
 
 
-def test_3_generation_stub_killed_under_load(server, aggregated_answers):
+def test_4_generation_stub_killed_under_load(server, aggregated_answers):
     """What was streaming there cannot be saved: it must end with an error that says so, at once."""
     victim = stub_pid(server, "generation")
     reloads_before = reloads(server)
@@ -220,7 +251,7 @@ def disconnect_after_first_event(server, prompt: str) -> None:
         connection.close()
 
 
-def test_4_soak_with_cancellations_disconnects_and_a_stub_kill(server, aggregated_answers):
+def test_5_soak_with_cancellations_disconnects_and_a_stub_kill(server, aggregated_answers):
     """Clients that finish, cancel or hang up, with the context stub killed mid-work: every answer
     that completes is right, none fails, and afterwards no KV block is held anywhere."""
     victim = stub_pid(server, "context")

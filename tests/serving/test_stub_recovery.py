@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +35,8 @@ def recovery_in(tmp_path, load_model=None, grace_s: float = 60.0):
 
 def test_triton_words_for_a_dead_stub_are_recognised():
     assert is_dead_stub_error("Stub process 'generation_0_0' is not healthy.")
+    assert is_dead_stub_error("Failed to process the request(s) for model instance 'context_0_0', message: "
+                              "Failed to obtain the health mutex.")
     assert not is_dead_stub_error("KV pull refused: the handle expired")
 
 
@@ -88,6 +91,30 @@ def test_a_failed_reload_is_counted_and_reports_nothing_back(tmp_path):
     assert failed.wait(5)
     wait_until(lambda: recovery.failed_reloads, 5, 0.01)
     assert recovery.failed_reloads == 1 and recovery.reloads == 0 and reloaded == []
+
+
+def test_a_frozen_stub_is_killed_before_its_instance_is_reloaded(tmp_path):
+    """Resumed, a stub Triton gave up on would read requests Triton freed and crash the server."""
+    (tmp_path / "context" / "1").mkdir(parents=True)
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "triton_python_backend_stub",
+                               f"{tmp_path}/context/1/model.py"], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "triton_python_backend_stub",
+                              f"{tmp_path}/context/2/model.py"], start_new_session=True)
+    try:
+        frozen.send_signal(signal.SIGSTOP)
+        wait_until(lambda: stub_pids(tmp_path, "context", 1) == [frozen.pid], 10, 0.05)
+        alive_at_load = []
+        recovery, _, _, done = recovery_in(tmp_path, load_model=lambda name: alive_at_load.append(
+            frozen.poll() is None or stub_pids(tmp_path, "context", 1) != []))
+        assert recovery.stub_died("context", 1)
+        assert done.wait(10)
+        assert alive_at_load == [False]
+        assert frozen.wait(5) == -signal.SIGKILL
+        assert other.poll() is None  # another instance's stub is left alone
+    finally:
+        for process in (frozen, other):
+            process.kill()
+            process.wait()
 
 
 def fake_process(proc, pid: int, cmdline: list[str], state: str = "S") -> None:
