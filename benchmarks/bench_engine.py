@@ -1,12 +1,13 @@
 """Engine speed next to plain transformers and the memory-bandwidth bound, measured in one run.
 
-    python -m benchmarks.bench_engine [--model-dir DIR] [--threads 1] [--int8] [--json out.json]
+    python -m benchmarks.bench_engine [--model-dir DIR] [--threads 1] [--int8] [--repeats 3] [--json out.json]
     python -m benchmarks.bench_engine --served localhost:8001 [--streams 8]   # against a running server
 
 Decode tokens/s at batch 1, 8 and 32 and prefill tokens/s at 512 and 2048 prompt tokens, for
 the engine and for transformers in the same process (the ratio is what to read on a noisy
-machine); with --int8, the engine's int8-weight mode next to fp32 transformers as well. The
-batch-1 bound is the weight bytes one step reads divided by this thread's read bandwidth.
+machine), each the best of --repeats runs taken in turns; with --int8, the engine's int8-weight
+mode next to fp32 transformers as well. The batch-1 bound is the weight bytes one step reads
+divided by this thread's read bandwidth.
 --served measures what a user sees instead: N concurrent gRPC streams through
 `ensemble_aggregated`, in output tokens per second.
 """
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
-import statistics
 import time
 
 import torch
@@ -32,15 +33,16 @@ DECODE_BATCHES = (1, 8, 32)
 PREFILL_LENGTHS = (512, 2048)
 
 
-def read_bandwidth_gbs(size_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes per second one thread reads from a buffer larger than any cache (a sum over it)."""
+def read_bandwidth_gbs(size_bytes: int = 512 << 20, repeats: int = 9) -> float:
+    """Bytes per second one thread reads from a buffer larger than any cache (a sum over it), in
+    the fastest of `repeats` reads: the bound for the best of each measure's runs."""
     source = torch.ones(size_bytes // 4)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         source.sum()
         times.append(time.perf_counter() - start)
-    return size_bytes / statistics.median(times) / 1e9
+    return size_bytes / min(times) / 1e9
 
 
 def prompt_of(length: int, salt: int) -> list[int]:
@@ -63,8 +65,9 @@ def engine_decode_tps(engine: LLMEngine, batch: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def engine_prefill_tps(engine: LLMEngine, length: int) -> float:
-    engine.add_request(f"prefill-{length}", prompt_of(length, length), SamplingParams(max_tokens=1))
+def engine_prefill_tps(engine: LLMEngine, length: int, salt: int) -> float:
+    """A prompt of its own each run: a repeated one would be served from the prefix cache."""
+    engine.add_request(f"prefill-{length}-{salt}", prompt_of(length, salt), SamplingParams(max_tokens=1))
     start = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -83,10 +86,10 @@ def transformers_decode_tps(model, batch: int) -> float:
     return batch * DECODE_STEPS / elapsed
 
 
-def transformers_prefill_tps(model, length: int) -> float:
+def transformers_prefill_tps(model, length: int, salt: int) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
-        model(torch.tensor([prompt_of(length, length)]))
+        model(torch.tensor([prompt_of(length, salt)]))
     return length / (time.perf_counter() - start)
 
 
@@ -107,22 +110,38 @@ def measure_engine(args) -> dict:
     torch.set_num_threads(args.threads)
     engine_decode_tps(engine, 1)  # warm-up
     transformers_decode_tps(reference, 1)
-    reference_decode = {batch: transformers_decode_tps(reference, batch) for batch in DECODE_BATCHES}
-    rows = [(f"decode tok/s, batch {b}", engine_decode_tps(engine, b), reference_decode[b]) for b in DECODE_BATCHES]
-    rows += [(f"prefill tok/s, {n} tokens", engine_prefill_tps(engine, n), transformers_prefill_tps(reference, n))
-             for n in PREFILL_LENGTHS]
-    result = {"model_dir": model_dir, "threads": args.threads, "read_bandwidth_gbs": bandwidth,
+
+    def row(measure: str, ours, theirs) -> dict:
+        return side_by_side(measure, ours, theirs, args.repeats)
+
+    rows = [row(f"decode tok/s, batch {b}", lambda b=b: engine_decode_tps(engine, b),
+                lambda b=b: transformers_decode_tps(reference, b)) for b in DECODE_BATCHES]
+    salts = itertools.count(1_000_000)
+    rows += [row(f"prefill tok/s, {n} tokens", lambda n=n: engine_prefill_tps(engine, n, next(salts)),
+                 lambda n=n: transformers_prefill_tps(reference, n, next(salts))) for n in PREFILL_LENGTHS]
+    result = {"model_dir": model_dir, "threads": args.threads, "repeats": args.repeats, "read_bandwidth_gbs": bandwidth,
               "weight_bytes": weight_bytes, "decode_bound_tps": bandwidth * 1e9 / weight_bytes}
     if args.int8:
         del engine
         quantized = make_engine(model_dir, args.threads, "int8")
         engine_decode_tps(quantized, 1)
-        rows += [(f"decode tok/s, batch {b}, int8", engine_decode_tps(quantized, b), reference_decode[b])
-                 for b in DECODE_BATCHES]
+        rows += [row(f"decode tok/s, batch {b}, int8", lambda b=b: engine_decode_tps(quantized, b),
+                     lambda b=b: transformers_decode_tps(reference, b)) for b in DECODE_BATCHES]
         result["int8_weight_bytes"] = quantized.model.weight_bytes()
         result["int8_decode_bound_tps"] = bandwidth * 1e9 / result["int8_weight_bytes"]
-    result["rows"] = [{"measure": n, "ours": o, "transformers": t} for n, o, t in rows]
+    result["rows"] = rows
     return result
+
+
+def side_by_side(measure: str, ours, theirs, repeats: int) -> dict:
+    """Each side's best of `repeats` runs, the two taking turns: on a shared machine, load that comes
+    and goes then falls on both alike, and the best run is the least disturbed one."""
+    runs: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for _ in range(repeats):
+        runs["ours"].append(ours())
+        runs["transformers"].append(theirs())
+    return {"measure": measure, "ours": max(runs["ours"]), "transformers": max(runs["transformers"]),
+            "ours_runs": runs["ours"], "transformers_runs": runs["transformers"]}
 
 
 def print_engine(result: dict) -> None:
@@ -171,6 +190,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default="")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--int8", action="store_true", help="also measure the int8-weight mode")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measure, ours and transformers in turn")
     parser.add_argument("--served", metavar="GRPC_URL", help="measure a running server instead")
     parser.add_argument("--streams", type=int, default=8, help="with --served: concurrent streams")
     parser.add_argument("--max-tokens", type=int, default=64, help="with --served: tokens per stream")
