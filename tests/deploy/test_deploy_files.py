@@ -26,6 +26,7 @@ import tomllib
 import yaml
 
 from launcher.cli import MODES
+from launcher.openai_process import frontend_target
 from python_backend_utils.environment import DEPLOYMENT_ENV, KEY_FILE_ENV, KV_ENV_PREFIX
 from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.serving.kv_exchange import transfer_config
@@ -130,7 +131,7 @@ def server_port(args: list[str], protocol: str) -> int:
     """The port disagg-serve listens on for `protocol` (its defaults: http 8000, grpc 8001)."""
     assert args[0] == "disagg-serve", f"servers start through the launcher, not {args[0]!r}"
     values = option(args, f"--{protocol}-port")
-    return int(values[-1]) if values else {"http": 8000, "grpc": 8001, "metrics": 8002}[protocol]
+    return int(values[-1]) if values else {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 9000}[protocol]
 
 
 def health_url_port(command: list[str] | str) -> int:
@@ -266,7 +267,8 @@ def test_probes_and_services_use_the_ports_the_server_listens_on():
         assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
         (container,) = pod_spec(workload)["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        for protocol in ("http", "grpc", "metrics"):
+        fronted = frontend_target(sorted(served_models(container["args"]))) is not None  # it starts the OpenAI API
+        for protocol in ("http", "grpc", "metrics") + (("openai",) if fronted else ()):
             assert ports[protocol] == server_port(container["args"], protocol), (workload["metadata"]["name"], protocol)
         for probe, path in (("startupProbe", "/v2/health/live"), ("livenessProbe", "/v2/health/live"),
                             ("readinessProbe", "/v2/health/ready")):
@@ -335,7 +337,7 @@ def test_compose_orchestrator_waits_for_healthy_servers_its_deployment_names():
     (host_dir,) = [source for source, target, *_ in mounts if Path(target) == path.parent]
     urls = deployment_urls(yaml.safe_load((DOCKER / host_dir / path.name).read_text()))
     published = {int(p.split(":")[-1]) for p in orchestrator["ports"]}
-    assert {server_port(orchestrator["command"], p) for p in ("http", "grpc", "metrics")} <= published
+    assert {server_port(orchestrator["command"], p) for p in ("http", "grpc", "metrics", "openai")} <= published
     named = set()
     for group, addresses in urls.items():
         for host, port in addresses:
