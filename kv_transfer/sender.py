@@ -260,12 +260,18 @@ class Sender:
 
     def _on_pull_abandoned(self, abandoned: PullAbandoned) -> None:
         """A receiver this agent serves, holding the handle (it knows the secret), will not pull:
-        release once no serve runs."""
+        release now. A serve of its own pull may still run: its request reached a sender that was
+        frozen, and came in just before this message. That receiver will never read it nor take its
+        messages, so the serve is failed rather than left to its transfer timeout."""
         with self._lock:
             published = self._published.get(abandoned.request_id)
-        if (published is not None and self._config.allows(abandoned.receiver_name)
-                and hmac.compare_digest(published.secret, abandoned.secret)):
-            self.end(abandoned.request_id, ReleaseReason.ABANDONED)
+        if (published is None or not self._config.allows(abandoned.receiver_name)
+                or not hmac.compare_digest(published.secret, abandoned.secret)):
+            return
+        self.end(abandoned.request_id, ReleaseReason.ABANDONED)
+        for serve in [*self._serve_queue, *self._serving, *self._readers.values()]:
+            if serve.published is published and serve.request.receiver_name == abandoned.receiver_name:
+                self._fail_serve(serve, "its receiver gave up on it")
 
     def _on_pull_done(self, done: PullDone, now: float) -> None:
         serve = self._readers.get((done.reply_address, done.pull_id))

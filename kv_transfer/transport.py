@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Messages of one transfer in flight at once: enough to keep the progress thread busy between polls.
 MESSAGES_IN_FLIGHT = 16
 _MAX_CONTROL_PER_STEP = 64
+EXPIRED_FRAMES_KEPT = 1024  # control frames are a few hundred bytes to a few KiB
 
 
 @dataclass(eq=False)
@@ -76,6 +77,11 @@ class Transport:
         self._control_buffer = np.zeros(MAX_CONTROL_BYTES, dtype=np.uint8)
         self._control_rx = self._post_control_receive()
         self._control_tx: list[tuple[Message, float, bytes]] = []  # and its deadline and peer
+        # The frames of control sends given up at their deadline. UCX keeps the pointer of a send to
+        # a peer that takes nothing (frozen) and sends it once the peer resumes: freed, the frame
+        # went out as whatever reused the memory. Kept for a good many later expiries instead; the
+        # request objects are not kept (holding them past the worker's end hung the exit).
+        self._expired_frames: collections.deque[np.ndarray] = collections.deque(maxlen=EXPIRED_FRAMES_KEPT)
         self._abandoned: list[tuple[Message, StagingArena | None]] = []
 
     @property
@@ -174,6 +180,8 @@ class Transport:
         for item in list(self._control_tx):
             message, deadline, _ = item
             if message.request.completed or now >= deadline:
+                if not message.request.completed:
+                    self._expired_frames.append(message.buffer)
                 self._control_tx.remove(item)
                 worked = True
         for item in list(self._abandoned):
