@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
@@ -43,6 +46,8 @@ from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
 logger = logging.getLogger(__name__)
 OWNER = "triton-disagg"
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the access log shows it
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -130,18 +135,19 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         return ModelList(data=[model.card])
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: CompletionRequest) -> Completion | EventSourceResponse:
+    async def completions(request: CompletionRequest, http: Request) -> Completion | EventSourceResponse | Response:
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
-        answer = await start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
-        reply = CompletionReply(answer, request, model)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
         if request.stream:
-            return EventSourceResponse(sse(reply.chunks(), include_usage(request)))
-        return await reply.whole()
+            return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
+                                           include_usage(request)))
+        return await unless_disconnected(http, whole(lambda done: CompletionReply(done, request, model), answer))
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | EventSourceResponse:
+    async def chat_completions(request: ChatCompletionRequest,
+                               http: Request) -> ChatCompletion | EventSourceResponse | Response:
         check(request)
         if model.chat_template is None:
             raise ApiError(400, f"the model {model.card.id!r} has no chat template: use /v1/completions",
@@ -152,13 +158,41 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             raise ApiError(400, str(error), "messages") from None
         # As transformers tokenizes a rendered chat: the template places any special tokens itself.
         prompt_ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        answer = await start(request, prompt_ids, request.output_limit(), request.logprobs)
-        reply = ChatReply(answer, request, model)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs)
         if request.stream:
-            return EventSourceResponse(sse(reply.chunks(), include_usage(request)))
-        return await reply.whole()
+            return EventSourceResponse(sse(ChatReply(await answer, request, model).chunks(), include_usage(request)))
+        return await unless_disconnected(http, whole(lambda done: ChatReply(done, request, model), answer))
 
     return app
+
+
+async def whole(reply: Callable[[Answer], CompletionReply | ChatReply],
+                answer: Coroutine[None, None, Answer]) -> Completion | ChatCompletion:
+    """The non-streaming reply, from the request's start: a client may leave while it waits for its prefill."""
+    return await reply(await answer).whole()
+
+
+async def unless_disconnected(http: Request, answer: Coroutine[None, None, T]) -> T | Response:
+    """A whole (non-streaming) answer, given up if the client disconnects first: cancelling it ends
+    its generation, which frees its KV. Uvicorn tells an endpoint of a disconnect only when it
+    sends, and a whole answer sends nothing until it is done."""
+    answering = asyncio.ensure_future(answer)
+    leaving = asyncio.ensure_future(disconnected(http))
+    await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    if answering.done():
+        leaving.cancel()
+        return answering.result()
+    answering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answering
+    logger.info("the client disconnected before its answer was complete: its generation was cancelled")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def disconnected(http: Request) -> None:
+    """Returns once the client has gone: the body is read, so the next ASGI message is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def include_usage(request: SamplingRequest) -> bool:

@@ -207,6 +207,24 @@ def test_a_client_that_disconnects_mid_stream_frees_kv_on_both_sides(frontend, t
     assert freed_after_s < 1.0, f"KV was freed {freed_after_s:.2f} s after the client went away: over a second"
 
 
+def test_a_client_that_disconnects_before_a_whole_answer_frees_kv_on_both_sides(frontend, triton_server):
+    """Non-streaming: nothing is sent until the answer is done, so the frontend watches for the
+    disconnect itself; before it did, the request decoded on to max_tokens (minutes here)."""
+    wait_until(lambda: not any(kv_blocks_used(triton_server).values()), timeout_s=30)
+    body = {**CHAT_BODY, "max_tokens": 2000, "ignore_eos": True}
+    connection = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    generating = wait_until(lambda: {k: v for k, v in kv_blocks_used(triton_server).items()
+                                     if v and "generation" in k}, timeout_s=30)
+    assert generating
+    connection.sock.shutdown(2)
+    connection.close()
+    closed = time.monotonic()
+    wait_until(lambda: not any(kv_blocks_used(triton_server).values()), timeout_s=10, interval_s=0.05)
+    freed_after_s = time.monotonic() - closed
+    assert freed_after_s < 1.0, f"KV was freed {freed_after_s:.2f} s after the client went away: over a second"
+
+
 def test_sixteen_concurrent_streaming_chats_all_complete(frontend):
     async def one(client: openai.AsyncOpenAI, index: int) -> tuple[str, str]:
         stream = await client.chat.completions.create(
