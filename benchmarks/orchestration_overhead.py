@@ -44,6 +44,7 @@ import tritonclient.grpc as grpcclient
 from client.benchmark import load_tokenizer
 from client.datasets import PromptCutter, corpus_text
 from client.generate import infer_inputs
+from client.metrics import percentile
 
 TEXT_PATHS = ("ensemble", "ensemble_aggregated")
 TOKEN_PATHS = ("disaggregated_serving_bls", "generation", "aggregated", "context")
@@ -118,11 +119,6 @@ def timed_openai_stream(address: str, prompt: str, output_len: int, timeout_s: f
         return times
     finally:
         connection.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,9 @@ from client.datasets import (
     build_requests,
     corpus_text,
     parse_mix,
+    poisson_arrivals,
 )
-from client.load_generator import ModelInterface, ModelInterfaceError, poisson_arrivals, run_load, stream_request
+from client.load_generator import ModelInterface, ModelInterfaceError, run_load, stream_request
 from client.metrics import Slo, summarize
 from client.plots import Curve, Point, pareto_chart, tpot_chart
 from client.rate_matching import ContextMeasurement, GenerationMeasurement, best_context, rate_match

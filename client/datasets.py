@@ -186,3 +186,13 @@ def build_requests(
         isl, osl = workload.isl.sample(rng), workload.osl.sample(rng)
         requests.append(BenchmarkRequest(cutter.random_prompt(rng, isl), isl, osl))
     return requests
+
+
+def poisson_arrivals(rate: float, count: int, seed: int | str) -> list[float]:
+    """Send times (seconds from the start) of `count` requests arriving at `rate` per second."""
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(count):
+        now += rng.expovariate(rate)
+        times.append(now)
+    return times

@@ -10,7 +10,6 @@ ensemble with a batch dimension ([1, 1]) or a model that runs only the context p
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -177,16 +176,6 @@ async def stream_request(
             responses.cancel()  # stops generation
     timing.text = "".join(texts)
     return timing
-
-
-def poisson_arrivals(rate: float, count: int, seed: int | str) -> list[float]:
-    """Send times (seconds from the start) of `count` requests arriving at `rate` per second."""
-    rng = random.Random(seed)
-    times, now = [], 0.0
-    for _ in range(count):
-        now += rng.expovariate(rate)
-        times.append(now)
-    return times
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         from planner import validate
 
         return validate.main(argv[1:])
-    if argv[:1] == ["plan"]:  # the planner: planner/plan.py (offline), planner/live.py (--live)
+    if argv[:1] == ["plan"] and "--live" in argv:  # the live planner: planner/live.py
+        from planner import live
+
+        return live.main([arg for arg in argv[1:] if arg != "--live"])
+    if argv[:1] == ["plan"]:  # the offline planner: planner/plan.py
         from planner import plan
 
         return plan.main(argv[1:])

@@ -22,7 +22,6 @@ rotation at once and are unloaded only when they hold no request and no unpulled
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from client.metrics import Slo
 from planner.calibration import Calibration, CalibrationError
@@ -42,8 +42,6 @@ from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest
 from python_backend_utils.orchestration.deployment import Deployment as ServingDeployment
 from python_backend_utils.orchestration.deployment import DeploymentError
 
-_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 MIN_SIMULATED_REQUESTS = 40
 
 
@@ -54,12 +52,9 @@ class MetricsError(RuntimeError):
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Prometheus text format: every sample by metric name, with its labels."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line.strip())
-        if match is None or line.startswith("#"):
-            continue
-        labels = dict(_LABEL.findall(match["labels"] or ""))
-        samples.setdefault(match["name"], []).append((labels, float(match["value"])))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     return samples
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, parse_mix
+from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, parse_mix, poisson_arrivals
 from client.metrics import Slo, summarize
 from client.results import RunResult
 from planner.calibration import Calibration, CalibrationError
-from planner.predict import draw_requests, poisson_arrivals
+from planner.predict import draw_requests
 from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest, Workload, simulate
 from planner.validate import DEFAULT_CALIBRATION
 from python_backend_utils.orchestration.deployment import Deployment as ServingDeployment
@@ -93,7 +93,7 @@ def workload_requests(spec: str, count: int, seed: int) -> tuple[SimulatedReques
 
 def evaluate(calibration: Calibration, deployment: Deployment, requests: Sequence[SimulatedRequest],
              rate: float, slo: Slo, seed: int = 0) -> Evaluation:
-    arrivals = poisson_arrivals(rate, len(requests), f"{seed}-arrivals")
+    arrivals = tuple(poisson_arrivals(rate, len(requests), f"{seed}-arrivals"))
     measured = simulate(calibration, deployment, Workload(tuple(requests), arrivals_s=arrivals))
     duration = max(max(m.start_s + m.e2e_s for m in measured), arrivals[-1])
     summary = summarize(measured, duration, deployment.workers, slo)
@@ -201,11 +201,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--live" in argv:
-        from planner import live
-
-        return live.main([arg for arg in argv if arg != "--live"])
     parser = argparse.ArgumentParser(prog="disagg-serve plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
@@ -216,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True, help="engine instances to split")
     parser.add_argument("--base", type=Path, help="a deployment file whose routers and settings to keep")
     parser.add_argument("--out", type=Path, help="write the chosen deployment here")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.request_rate <= 0 or args.num_requests < 1:
             raise PlanError("--request-rate must be above 0 and --num-requests at least 1")

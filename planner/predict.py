@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, class_counts, parse_mix
+from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, class_counts, parse_mix, poisson_arrivals
 from client.metrics import Slo, summarize
 from client.results import RunConfig, RunResult
 from planner.calibration import Calibration
@@ -32,20 +32,10 @@ def draw_requests(classes: Sequence[WorkloadClass], count: int, seed: int | str)
     return tuple(SimulatedRequest(classes[i].isl.sample(rng), classes[i].osl.sample(rng)) for i in order)
 
 
-def poisson_arrivals(rate: float, count: int, seed: int | str) -> tuple[float, ...]:
-    """The send times client.load_generator.poisson_arrivals gives for the same arguments."""
-    rng = random.Random(seed)
-    times, now = [], 0.0
-    for _ in range(count):
-        now += rng.expovariate(rate)
-        times.append(now)
-    return tuple(times)
-
-
 def predict(calibration: Calibration, deployment: Deployment, classes: Sequence[WorkloadClass], count: int,
             seed: int, concurrency: int | None, rate: float | None, slo: Slo, label: str) -> RunResult:
     requests = draw_requests(classes, count, f"{seed}-measured")
-    arrivals = None if rate is None else poisson_arrivals(rate, count, f"{seed}-arrivals")
+    arrivals = None if rate is None else tuple(poisson_arrivals(rate, count, f"{seed}-arrivals"))
     measurements = simulate(calibration, deployment, Workload(requests, arrivals_s=arrivals, concurrency=concurrency))
     duration = max(m.start_s + m.e2e_s for m in measurements)
     config = RunConfig(

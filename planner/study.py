@@ -1,6 +1,6 @@
 """The seed's study at scale, through the simulator: aggregated against every context:generation split.
 
-    python -m planner.study --preset isl1024-osl256 [--workers 8,16,32,64] [--loads 0.5,1,2,4,8]
+    python -m planner.study_report --preset isl1024-osl256 [--workers 8,16,32,64] [--loads 0.5,1,2,4,8]
         [--slo-ttft-ms MS --slo-tpot-ms MS] [--calibration FILE] [--out-dir benchmarks/results/study]
     disagg-serve study [same options]
 
@@ -328,9 +328,3 @@ def run_study(calibration: Calibration, classes: Sequence[WorkloadClass], worker
 
 def comparisons(points: Sequence[StudyPoint], slo: Slo) -> list[Comparison]:
     return [compare(points, n, slo) for n in sorted({p.workers for p in points})]
-
-
-if __name__ == "__main__":
-    from planner.study_report import main
-
-    raise SystemExit(main())

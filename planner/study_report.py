@@ -1,4 +1,4 @@
-"""The study's command (`python -m planner.study`, `disagg-serve study`): it runs planner/study.py and
+"""The study's command (`python -m planner.study_report`, `disagg-serve study`): it runs planner/study.py and
 writes the JSON, the tables on stdout and the PNGs next to the JSON."""
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.seed}-{args.preset}", args.exhaustive_up_to, lone.e2e_s,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - began
-    command = "python -m planner.study " + shlex.join(argv)
+    command = "python -m planner.study_report " + shlex.join(argv)
     title = study_title(args.preset, args.calibration)
     stem = f"{args.preset}-{args.calibration.stem}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,3 +241,7 @@ def study_title(preset: str, calibration: Path) -> str:
 
 def comparison_records(points: Sequence[StudyPoint], slo: Slo) -> list[dict]:
     return [{**asdict(c), "goodput_ratio": c.goodput_ratio} for c in comparisons(points, slo)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,3 +114,42 @@ def test_planner_models_the_server_without_loading_it():
     format_path = REPO_ROOT / (DEPLOYMENT_FORMAT.replace(".", "/") + ".py")
     assert {n.split(".")[0] for n in imported(format_path)} <= set(sys.stdlib_module_names) | {"__future__", "yaml"}
     assert [path.name for path in modules("planner") if len(path.read_text().splitlines()) > 400] == []
+
+
+FIRST_PARTY = ("python_backend_utils", "kv_transfer", "client", "launcher", "openai_frontend", "planner",
+               "benchmarks")
+
+
+def first_party_imports() -> dict[str, set[str]]:
+    """Each first-party module's imports of first-party modules (`from package import module` included)."""
+    paths = {".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+             for root in FIRST_PARTY for path in modules(root)}
+    graph = {}
+    for name, path in paths.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        graph[name] = {n for n in found if n in paths and n != name}
+    return graph
+
+
+def test_no_module_imports_itself_back():
+    """A cycle (plan <-> live, study <-> study_report once) means two modules that are one, or a dispatch in
+    the wrong place."""
+    graph = first_party_imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name == goal:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return False
+
+    assert sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and reaches(b, a)) == []

@@ -22,8 +22,9 @@ from client.datasets import (
     corpus_text,
     count_tokens,
     parse_mix,
+    poisson_arrivals,
 )
-from client.load_generator import ModelInterface, ModelInterfaceError, StreamTiming, poisson_arrivals, run_load
+from client.load_generator import ModelInterface, ModelInterfaceError, StreamTiming, run_load
 from client.metrics import CANCELLED, ERROR, OK, RequestMeasurement, Slo, pareto_frontier, percentile, summarize
 from client.plots import Curve, Point, pareto_chart, tpot_chart
 from client.rate_matching import ContextMeasurement, GenerationMeasurement, best_context, rate_match

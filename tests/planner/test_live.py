@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from client.metrics import Slo
+from launcher import cli
 from planner.live import Hysteresis, LoadEstimate, Sample, Sizing, Split, parse_metrics
 from tests.planner.test_simulator import calibration
 
@@ -87,3 +90,12 @@ def test_the_split_the_server_runs_counts_local_members_only():
         'version="1"} 1'])
     assert serving_split(parse_metrics(text)) == Split(2, 1)
     assert serving_split({}) is None
+
+
+@pytest.mark.parametrize(("argv", "prog"), [(["plan", "--live", "--help"], "disagg-serve plan --live"),
+                                            (["plan", "--help"], "disagg-serve plan")])
+def test_the_cli_sends_plan_live_to_the_live_planner_and_plan_to_the_offline_one(argv, prog, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")

@@ -159,7 +159,7 @@ def test_replot_redraws_the_plots_and_refreshes_the_comparisons_from_the_points(
     points = tiny_study(prefill_per_token_s=0.01)
     study = tmp_path / "tiny.json"
     study.write_text(json.dumps({
-        "command": "python -m planner.study (test)", "preset": "isl1024-osl256", "calibration": str(cal_path),
+        "command": "python -m planner.study_report (test)", "preset": "isl1024-osl256", "calibration": str(cal_path),
         "slo": {"ttft_ms": 60_000, "tpot_ms": 1_000}, "limits": {"max_num_seqs": 16, "max_num_batched_tokens": 4096},
         "comparisons": "stale", "points": [asdict(p) for p in points],
     }))
