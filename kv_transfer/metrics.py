@@ -19,7 +19,7 @@ COUNTERS = (
     "malformed_messages", "unauthenticated_messages", "release_callback_errors",
 )
 GAUGES = ("pinned_requests", "pinned_blocks", "serves_in_flight", "serves_queued", "pulls_in_flight",
-          "staging_bytes_in_use")
+          "staging_bytes_in_use", "most_sends_in_flight")
 
 
 @dataclass
@@ -62,6 +62,11 @@ class TransferMetrics:
     def set(self, name: str, value: int) -> None:
         with self._lock:
             self._values[name] = value
+
+    def raise_to(self, name: str, value: int) -> None:
+        """A high-water mark: the gauge keeps the largest value it was given."""
+        with self._lock:
+            self._values[name] = max(self._values[name], value)
 
     def observe(self, name: str, value: float) -> None:
         with self._lock:

@@ -287,6 +287,7 @@ class Sender:
             serve = self._serve_queue.popleft()
             serve.started_at = serve.progress_at = now
             self._serving.append(serve)
+            self._metrics.raise_to("most_sends_in_flight", len(self._serving))
             worked = True
         for serve in [*self._serve_queue, *self._readers.values()]:
             if now - serve.accepted_at > self._config.transfer_timeout_s:

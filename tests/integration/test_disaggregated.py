@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,15 +35,28 @@ def test_streamed_disaggregated_text_is_the_aggregated_text_one_token_at_a_time(
 
 
 def test_first_token_of_a_one_token_request_comes_from_the_context_instance(triton_server, aggregated_answers):
-    assert generate(triton_server, "ensemble", PROMPTS[1], max_tokens=1) == generate(
-        triton_server, "ensemble_aggregated", PROMPTS[1], max_tokens=1
-    )
+    """The context instance answers it alone: the orchestrator counts it, no generation instance pulls its KV
+    or prefills it."""
+    untouched = ("disagg_kv_pulls_completed_total", "disagg_orchestrator_local_prefill_total",
+                 "disagg_orchestrator_context_fallbacks_total")
+
+    def totals() -> dict[str, float]:
+        names = ("disagg_orchestrator_requests_total", *untouched)
+        return {name: sum(metric_values(triton_server, name).values()) for name in names}
+
+    before = totals()
+    answer = generate(triton_server, "ensemble", PROMPTS[1], max_tokens=1)
+    after = totals()
+    assert answer == generate(triton_server, "ensemble_aggregated", PROMPTS[1], max_tokens=1)
+    assert after["disagg_orchestrator_requests_total"] == before["disagg_orchestrator_requests_total"] + 1
+    assert {name: after[name] for name in untouched} == {name: before[name] for name in untouched}
 
 
 def test_bad_input_through_the_orchestrator_is_the_clients_error(triton_server):
     body = {"text_input": "Hello", "max_tokens": 0}
-    with pytest.raises(Exception, match="400|max_tokens"):
+    with pytest.raises(urllib.error.HTTPError, match="400") as error:
         post_json(f"http://{triton_server.urls.http}/v2/models/ensemble/generate", body)
+    assert "max_tokens" in error.value.read().decode()
     assert generate(triton_server, "ensemble", PROMPTS[0], max_tokens=2)
 
 

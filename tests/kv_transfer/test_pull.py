@@ -109,16 +109,15 @@ def test_pull_returns_at_once_and_the_caller_keeps_working(peer, shared):
         handle = publish(peer, "big", "req-big", list(range(192)), 192 * 16)
         pool, agent = receiver(layout=big, num_blocks=192, use_shared_memory=shared)
         with agent:
-            started = time.perf_counter()
             future = agent.pull(handle, list(range(192)))
-            returned_after = time.perf_counter() - started
+            returned_before_done = not future.done()  # 192 MiB take tens of ms: a pull that waited is done
             steps = 0
             while not future.done():  # an engine loop: decode steps between polls
                 torch.mm(torch.ones(64, 64), torch.ones(64, 64))
                 time.sleep(0.001)
                 steps += 1
             assert future.result().bytes_received == 192 << 20
-            assert returned_after < 0.05 and steps >= 5, (returned_after, steps)
+            assert returned_before_done and steps >= 1, steps
     finally:
         peer.call("close_agent", "big")
 
@@ -130,10 +129,9 @@ def test_many_concurrent_pulls_respect_the_send_limit(peer, sender):
     pool, agent = receiver(num_blocks=64, use_shared_memory=False)  # the send limit is for UCX sends
     with agent:
         futures = {rid: agent.pull(h, [int(rid[4:]) * 4 + j for j in range(4)]) for rid, h in handles.items()}
-        most_in_flight = 0
-        while not all(f.done() for f in futures.values()):
-            most_in_flight = max(most_in_flight, peer.call("metrics", sender)["serves_in_flight"])
-        assert most_in_flight <= 2
+        for future in futures.values():
+            future.result(30)
+        assert peer.call("metrics", sender)["most_sends_in_flight"] == 2
         for rid, future in futures.items():
             i = int(rid[4:])
             future.result()
