@@ -13,13 +13,17 @@ DEPS := $(VENV)/.deps-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint model bench-engine perf setup clean
+.PHONY: serve test test-fast lint model bench-engine perf setup clean
 
 serve: setup
 	$(BIN)/disagg-serve $(SERVE_ARGS)
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every test that starts no tritonserver (unit tests, kernels, the transfer module's peers): for the edit-test loop.
+test-fast: $(DEPS) lint
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml: the noqa markers in the code mean something.
 lint: $(DEPS)

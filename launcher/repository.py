@@ -4,15 +4,18 @@ Instance i of a server group is version i+1 of its model (python_backend_utils/o
 so the repository must hold exactly `num_instances` versions of `context` and `generation`.
 Where the orchestrator reads its deployment by default goes a link to the file: edits to the
 file reach the running orchestrator as they would without rendering. Settings
-(`MODEL.KEY=VALUE`) replace a config.pbtxt parameter, or the instance count of `aggregated`.
+(`MODEL.KEY=VALUE`) replace a config.pbtxt parameter, or the instance count of `aggregated`, through
+Triton's own ModelConfig protobuf.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from python_backend_utils.orchestration.deployment import Deployment
 from python_backend_utils.orchestration.local_instances import VersionError, add_versions, remove_versions_above
@@ -67,27 +70,29 @@ def render_repository(
     return deployment
 
 
+def read_config(config: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+
+
+def write_config(config: Path, model: model_config_pb2.ModelConfig) -> None:
+    config.write_text(text_format.MessageToString(model))
+
+
 def set_parameter(config: Path, key: str, value: str) -> None:
     """Replace the value of an existing string parameter of a config.pbtxt."""
-    if '"' in value or "\\" in value:
-        raise RenderError(f"{key}={value!r}: quotes and backslashes are not allowed in a setting")
-    text, count = re.subn(
-        rf'(parameters {{ key: "{re.escape(key)}", value: {{ string_value: )"[^"]*"',
-        lambda match: f'{match.group(1)}"{value}"',
-        config.read_text(),
-    )
-    if count != 1:
-        known = re.findall(r'parameters { key: "([^"]+)"', config.read_text())
-        raise RenderError(f"{config.parent.name} has no parameter {key!r}; it has: {', '.join(known)}, "
+    model = read_config(config)
+    if key not in model.parameters:
+        raise RenderError(f"{config.parent.name} has no parameter {key!r}; it has: {', '.join(sorted(model.parameters))}, "
                           f"and {INSTANCE_COUNT}")
-    config.write_text(text)
+    model.parameters[key].string_value = value
+    write_config(config, model)
 
 
 def set_instance_count(config: Path, value: str) -> None:
     if not value.isdigit() or int(value) < 1:
         raise RenderError(f"{INSTANCE_COUNT}={value!r}: give a positive integer")
-    text, count = re.subn(r"instance_group \[ { count: \d+,", f"instance_group [ {{ count: {value},",
-                          config.read_text())
-    if count != 1:
+    model = read_config(config)
+    if len(model.instance_group) != 1:
         raise RenderError(f"{config.parent.name}: its config.pbtxt has no single instance_group to resize")
-    config.write_text(text)
+    model.instance_group[0].count = int(value)
+    write_config(config, model)
