@@ -22,8 +22,8 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -65,10 +65,24 @@ class ContextResult:
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
 
 
+class InstanceWatch(Protocol):
+    """Whoever supervises the instances (the BLS model): told what requests find out, asked what they cannot."""
+
+    def unreachable(self, target: Target) -> None:
+        """A routed request could not reach this remote target."""
+
+    def stub_died(self, target: Target) -> None:
+        """An instance on this server lost its stub (told by every request that finds out)."""
+
+    def stub_running(self, target: Target) -> bool:
+        """Whether the stub process of an instance on this server lives."""
+
+
 class Orchestrator:
-    def __init__(self, deployment: Deployment, context_block_size: int,
+    def __init__(self, deployment: Deployment, context_block_size: int, watch: InstanceWatch,
                  max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT) -> None:
         self.deployment = deployment
+        self.watch = watch
         self.block_size = context_block_size
         self.routers: dict[str, Router] = {
             name: make_router(group_targets(group), group.router, context_block_size)
@@ -76,12 +90,6 @@ class Orchestrator:
         }
         self.remote = RemoteWorkers()
         self.stats = OrchestratorStats()
-        # Told when a routed request could not reach a remote target (the membership monitor).
-        self.on_unreachable: Callable[[Target], None] = lambda target: None
-        # Told when an instance on this server lost its stub (by every request that finds out).
-        self.on_stub_died: Callable[[Target], None] = lambda target: None
-        # Whether the stub process of an instance on this server lives (stub_recovery.StubWatch).
-        self.stub_running: Callable[[Target], bool] = lambda target: True
         # Bumped when a local target's stub is found dead and when its replacement is ready: a
         # request opened under an older count runs on a stub that is gone, whatever runs now.
         self._stub_generations: dict[Target, int] = {}
@@ -347,7 +355,7 @@ class Orchestrator:
         except asyncio.TimeoutError:
             raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
         return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
-            self._stub_generations.get(target, 0) == generation and self.stub_running(target)),
+            self._stub_generations.get(target, 0) == generation and self.watch.stub_running(target)),
             stub_lost=functools.partial(self._stub_lost, target, generation))
 
     async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
@@ -361,7 +369,7 @@ class Orchestrator:
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
                     raise
-            if self._stub_generations.get(target, 0) != generation or not self.stub_running(target):
+            if self._stub_generations.get(target, 0) != generation or not self.watch.stub_running(target):
                 self._stub_lost(target, generation)
                 raise StubDied(f"{target}: its stub process died while the request ran there")
 
@@ -390,13 +398,13 @@ class Orchestrator:
         down with it (seen with 2.51). Reported once per stub: a later generation is another stub."""
         if self._stub_generations.get(target, 0) == generation:
             self.stub_replaced(target)
-            self.on_stub_died(target)
+            self.watch.stub_died(target)
 
     async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
         """After a failed call: an unreachable server leaves rotation, a live instance is told to stop
         (a lost stub was reported by the stream that found out, and is being replaced)."""
         if isinstance(error, TargetUnreachable):
-            self.on_unreachable(target)
+            self.watch.unreachable(target)
         elif not isinstance(error, StubDied):
             await self._stop(target, worker_id)
 

@@ -34,7 +34,7 @@ class TritonPythonModel:
         path = os.environ.get(DEPLOYMENT_ENV) or parameters.get("deployment_file") or default
         deployment = Deployment.load(path)
         limit = parse_limit(parameters.get("max_requests_in_flight", ""), DEFAULT_MAX_REQUESTS_IN_FLIGHT)
-        self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16), limit)
+        self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16), self, limit)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = GaugeSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
         self.router_gauges = {name: LabelledGauges(name, description, labels) for name, description
@@ -47,15 +47,12 @@ class TritonPythonModel:
             deployment, path, self.orchestrator.remote_targets,
             lambda new: self.orchestrator.apply(self.instances.grow(new)),
             self.orchestrator.set_health, self._tick)
-        self.orchestrator.on_unreachable = self.monitor.unreachable
         self.recovery = StubRecovery(
             self.repository,
             load_model=lambda name: pb_utils.load_model(model_name=name),
             on_reloaded=self._reloaded,
         )
-        self.orchestrator.on_stub_died = self._stub_died
-        stubs = StubWatch(self.repository)
-        self.orchestrator.stub_running = lambda target: stubs.running(target.model_name, target.version)
+        self.stubs = StubWatch(self.repository)
         self._publish_membership()
         self.monitor.start()
 
@@ -72,7 +69,14 @@ class TritonPythonModel:
         self.gauges.publish({**self.orchestrator.stats.as_metrics(), "stub_reloads_total": self.recovery.reloads})
         self._publish_membership()
 
-    def _stub_died(self, target: Target) -> None:
+    # The orchestrator's InstanceWatch: what its requests find out about instances.
+    def unreachable(self, target: Target) -> None:
+        self.monitor.unreachable(target)
+
+    def stub_running(self, target: Target) -> bool:
+        return self.stubs.running(target.model_name, target.version)
+
+    def stub_died(self, target: Target) -> None:
         """Out of rotation until reloaded; a death already being repaired is not repaired twice."""
         if self.recovery.stub_died(target.model_name, target.version):
             self.orchestrator.set_health(target, False)  # published when `execute` returns
