@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +10,11 @@ import pytest
 from launcher import TritonServer
 from launcher.cli import MODES
 from launcher.ports import free_server_ports
+from tests import pb_utils_stand_in
 from tests.helpers import PROMPTS, generate, wait_for_idle_kv
+
+# Our models' Triton glue imports the module only the Python-backend stub provides: unit tests get the stand-in.
+sys.modules.setdefault("triton_python_backend_utils", pb_utils_stand_in)
 
 KV_RELEASE_TIMEOUT_S = 10  # a third of a KV handle's 30 s TTL: a pinned handle cannot pass by expiring
 

@@ -14,7 +14,7 @@ import pytest
 from python_backend_utils.orchestration.deployment import Deployment, ServerGroup
 from python_backend_utils.orchestration.orchestrator import Orchestrator
 from python_backend_utils.orchestration.routing import Target
-from tests.orchestration import pb_utils_stand_in as pb_utils
+from tests import pb_utils_stand_in as pb_utils
 
 PROMPT = list(range(100, 120))
 FIRST = 7
@@ -76,40 +76,10 @@ class Watch:
         return True
 
 
-class Sender:
-    def __init__(self) -> None:
-        self.responses: list[tuple[pb_utils.InferenceResponse | None, int]] = []
-
-    def send(self, response, flags: int = 0) -> None:
-        self.responses.append((response, flags))
-
-    def tokens(self) -> list[int]:
-        return [int(t) for response, _ in self.responses if response is not None and not response.has_error()
-                for tensor in response.output_tensors() if tensor.name() == "output_ids" for t in tensor.as_numpy()]
-
-    def error(self) -> pb_utils.TritonError | None:
-        response, flags = self.responses[-1]
-        assert flags == pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL, "the request never got its final response"
-        return response.error() if response is not None else None
-
-
-class ClientRequest:
-    def __init__(self, prompt: list[int] = PROMPT, cancel_after_tokens: int | None = None) -> None:
-        self._inputs = {"input_ids": np.array(prompt, np.int32), "request_output_len": np.array([16], np.int32),
-                        "streaming": np.array([True]), "exclude_input_in_output": np.array([True])}
-        self.sender = Sender()
-        self._cancel_after = cancel_after_tokens
-        self.cancelled = threading.Event()
-
-    def inputs(self) -> list[pb_utils.Tensor]:
-        return [pb_utils.Tensor(name, array) for name, array in self._inputs.items()]
-
-    def get_response_sender(self) -> Sender:
-        return self.sender
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled.is_set() or (self._cancel_after is not None
-                                           and len(self.sender.tokens()) >= self._cancel_after)
+def client_request(prompt: list[int] = PROMPT, cancel_after_tokens: int | None = None) -> pb_utils.ClientRequest:
+    return pb_utils.ClientRequest({"input_ids": np.array(prompt, np.int32), "request_output_len": np.array([16], np.int32),
+                                   "streaming": np.array([True]), "exclude_input_in_output": np.array([True])},
+                                  cancel_after_tokens=cancel_after_tokens)
 
 
 @pytest.fixture
@@ -138,7 +108,7 @@ def deploy(instances, contexts: list[Instance], generations: list[Instance], **s
     return Orchestrator(deployment, 16, Watch(), max_requests_in_flight=4)
 
 
-def serve(loop: asyncio.AbstractEventLoop, orchestrator: Orchestrator, request: ClientRequest) -> None:
+def serve(loop: asyncio.AbstractEventLoop, orchestrator: Orchestrator, request: pb_utils.ClientRequest) -> None:
     async def run() -> None:
         await orchestrator.serve(request)
         while orchestrator._background:  # the stops it sends without making the client wait
@@ -149,7 +119,7 @@ def serve(loop: asyncio.AbstractEventLoop, orchestrator: Orchestrator, request: 
 def test_the_context_instance_prefills_and_the_generation_instance_pulls_its_kv(instances, loop):
     context, generation = Instance(prefills), Instance(generates)
     orchestrator = deploy(instances, [context], [generation])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST] and request.sender.error() is None
     [prefill], [decode] = context.requests, generation.requests
@@ -163,14 +133,14 @@ def test_round_robin_spreads_requests_over_the_instances(instances, loop):
     generations = [Instance(generates), Instance(generates)]
     orchestrator = deploy(instances, contexts, generations)
     for _ in range(4):
-        serve(loop, orchestrator, ClientRequest())
+        serve(loop, orchestrator, client_request())
     assert [len(c.requests) for c in contexts] == [2, 2] and [len(g.requests) for g in generations] == [2, 2]
 
 
 def test_a_failed_context_instance_is_stopped_and_the_request_retried_on_another(instances, loop):
     broken, healthy = Instance(fails("out of memory")), Instance(prefills)
     orchestrator = deploy(instances, [broken, healthy], [Instance(generates)])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST]
     assert len(broken.requests) == len(healthy.requests) == 1
@@ -181,7 +151,7 @@ def test_a_failed_context_instance_is_stopped_and_the_request_retried_on_another
 def test_when_every_context_instance_fails_the_generation_instance_prefills(instances, loop):
     generation = Instance(generates)
     orchestrator = deploy(instances, [Instance(fails("a")), Instance(fails("b"))], [generation])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST] and request.sender.error() is None
     assert "context_phase_params" not in generation.requests[0].inputs
@@ -191,7 +161,7 @@ def test_when_every_context_instance_fails_the_generation_instance_prefills(inst
 def test_a_short_prompt_goes_straight_to_the_generation_instance(instances, loop):
     context, generation = Instance(prefills), Instance(generates)
     orchestrator = deploy(instances, [context], [generation], min_disaggregated_prompt_tokens=64)
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST] and not context.requests
     assert orchestrator.stats.local_prefill == 1
@@ -201,7 +171,7 @@ def test_a_clients_mistake_is_its_error_and_is_not_retried(instances, loop):
     first, second = Instance(fails("max_tokens is too large", pb_utils.TritonError.INVALID_ARG)), Instance(prefills)
     generation = Instance(generates)
     orchestrator = deploy(instances, [first, second], [generation])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.error().code() == pb_utils.TritonError.INVALID_ARG
     assert "max_tokens" in request.sender.error().message()
@@ -211,7 +181,7 @@ def test_a_clients_mistake_is_its_error_and_is_not_retried(instances, loop):
 def test_a_generation_failure_before_its_first_token_is_retried_on_another_instance(instances, loop):
     context, broken, healthy = Instance(prefills), Instance(fails("engine died")), Instance(generates)
     orchestrator = deploy(instances, [context], [broken, healthy])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST] and request.sender.error() is None
     assert broken.stops == [broken.requests[0].request_id] and len(healthy.requests) == 1
@@ -227,7 +197,7 @@ def test_a_generation_failure_after_tokens_fails_the_request_and_frees_the_conte
 
     context, generation, spare = Instance(prefills), Instance(dies_midway), Instance(generates)
     orchestrator = deploy(instances, [context], [generation, spare])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, REST[0]]  # what was sent stays sent: no retry after tokens
     assert "engine died" in request.sender.error().message() and not spare.requests
@@ -237,7 +207,7 @@ def test_a_generation_failure_after_tokens_fails_the_request_and_frees_the_conte
 def test_a_cancelled_stream_stops_its_generation_and_frees_the_context_kv(instances, loop):
     context, generation = Instance(prefills), Instance(lambda r: generates(r, pause_s=0.2))
     orchestrator = deploy(instances, [context], [generation])
-    request = ClientRequest(cancel_after_tokens=2)
+    request = client_request(cancel_after_tokens=2)
     serve(loop, orchestrator, request)
     assert request.sender.error().code() == pb_utils.TritonError.CANCELLED
     assert len(request.sender.tokens()) < 1 + len(REST)
@@ -256,8 +226,8 @@ def test_a_request_queued_on_a_silent_instance_is_cancelled_while_it_waits(insta
 
     context, generation = Instance(prefills), Instance(queued)
     orchestrator = deploy(instances, [context], [generation])
-    request = ClientRequest()
-    threading.Thread(target=lambda: started.wait(5) and request.cancelled.set(), daemon=True).start()
+    request = client_request()
+    threading.Thread(target=lambda: started.wait(5) and request.sender.cancelled.set(), daemon=True).start()
     began = time.monotonic()
     serve(loop, orchestrator, request)
     assert started.is_set() and time.monotonic() - began < 2.5  # not when the instance answers, 3 s on
@@ -269,7 +239,7 @@ def test_an_instance_whose_stub_triton_gave_up_on_is_reported_and_sent_nothing_m
     dead = "Stub process 'context_0_0' is not healthy."
     broken, healthy = Instance(fails(dead)), Instance(prefills)
     orchestrator = deploy(instances, [broken, healthy], [Instance(generates)])
-    request = ClientRequest()
+    request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST]
     assert orchestrator.watch.dead_stubs == [Target("context", 1)]
@@ -285,8 +255,8 @@ def test_past_the_admission_limit_a_request_is_refused_as_unavailable(instances,
 
     orchestrator = deploy(instances, [Instance(prefills)], [Instance(held_open)])
 
-    async def run() -> list[ClientRequest]:
-        requests = [ClientRequest() for _ in range(5)]
+    async def run() -> list[pb_utils.ClientRequest]:
+        requests = [client_request() for _ in range(5)]
         first_four = [asyncio.ensure_future(orchestrator.serve(r)) for r in requests[:4]]
         await asyncio.sleep(0.3)
         await orchestrator.serve(requests[4])  # answered at once
