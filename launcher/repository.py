@@ -82,8 +82,8 @@ def set_parameter(config: Path, key: str, value: str) -> None:
     """Replace the value of an existing string parameter of a config.pbtxt."""
     model = read_config(config)
     if key not in model.parameters:
-        raise RenderError(f"{config.parent.name} has no parameter {key!r}; it has: {', '.join(sorted(model.parameters))}, "
-                          f"and {INSTANCE_COUNT}")
+        known = ", ".join(sorted(model.parameters))
+        raise RenderError(f"{config.parent.name} has no parameter {key!r}; it has: {known}, and {INSTANCE_COUNT}")
     model.parameters[key].string_value = value
     write_config(config, model)
 

@@ -15,10 +15,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-class NoChatTemplateError(LookupError):
-    """The checkpoint has no chat template: only /v1/completions can serve it."""
-
-
 class ChatTemplateError(ValueError):
     """The template refused the conversation (its raise_exception) or failed to render it."""
 

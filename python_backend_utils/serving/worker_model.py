@@ -7,7 +7,7 @@ Like TensorRT-LLM's tensorrt_llm model, what a request gets depends on what it c
 - role "generation": with `context_phase_params`, the KV is pulled while other sequences keep
   decoding; without, both phases run here (conditional disaggregation, or the fallback).
   The params are signed by the context role and verified here, under the deployment key
-  (messages.py), before anything in them is used.
+  (context_params.py), before anything in them is used.
 A request with `stop` set aborts the in-flight request of the same Triton request id.
 
 `execute` only validates and enqueues; the engine loop thread sends every response. Should that
@@ -47,7 +47,6 @@ from python_backend_utils.serving.triton_io import (
     request_inputs,
 )
 
-ROLES = ("aggregated", "context", "generation")
 PARAMS_METRICS = {
     "context_params_rejected_total": "context_phase_params refused as malformed or failing authentication",
 }

@@ -4,7 +4,7 @@ on serving, and at the end no KV block is left behind.
 Requests go to `ensemble` (what clients use) and straight to the models behind it (`context`,
 `generation`, `aggregated`, `disaggregated_serving_bls`), which anyone who reaches the server can
 call too. Forged and tampered `context_phase_params` are refused before the generation instance
-contacts anything (the params are authenticated under the deployment key, see messages.py).
+contacts anything (the params are authenticated under the deployment key, see python_backend_utils/serving/context_params.py).
 """
 
 from __future__ import annotations
