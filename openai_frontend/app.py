@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
-from openai_frontend.generation import Answer, context_window, generation_params
+from openai_frontend.generation import Answer, generation_params
 from openai_frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -41,6 +41,7 @@ from openai_frontend.schemas import (
     response_id,
 )
 from openai_frontend.triton_client import GenerationError, TritonGenerator
+from python_backend_utils.context_window import default_window, model_config
 from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class ServedModel:
     def load(cls, model_dir: Path) -> ServedModel:
         card = ModelCard(id=model_dir.name, created=int((model_dir / "config.json").stat().st_mtime), owned_by=OWNER)
         return cls(card, load_tokenizer({"model_dir": str(model_dir)}), ChatTemplate.from_checkpoint(model_dir),
-                   context_window(model_dir))
+                   default_window(model_config(model_dir)))
 
 
 def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:

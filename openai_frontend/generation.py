@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from openai_frontend.schemas import SamplingRequest, Usage
 from openai_frontend.text import AnswerText
 from openai_frontend.triton_client import GenerationParams, TokenChunk, TritonGenerator
 from python_backend_utils.serving.tokenizer import TextTokenizer
-
-# The engine's default context window is the model's, capped here (engine/config.py DEFAULT_MAX_MODEL_LEN_CAP).
-MAX_CONTEXT_WINDOW = 8192
-
-
-def context_window(model_dir: Path) -> int:
-    """The tokens a prompt and its answer may span: what a request without max_tokens may use."""
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    limits = [config.get("max_position_embeddings") or MAX_CONTEXT_WINDOW, config.get("sliding_window"),
-              MAX_CONTEXT_WINDOW]
-    return min(limit for limit in limits if limit)
 
 
 def generation_params(request: SamplingRequest, output_limit: int | None, prompt_len: int, window: int,

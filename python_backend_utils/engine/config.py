@@ -13,8 +13,6 @@ from python_backend_utils.environment import DEVICE_ENV, MODEL_DIR_ENV
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "int8": linear weights quantized per output channel at load, activations per row at run time.
 WEIGHT_QUANTIZATIONS = ("", "int8")
-# A cap on the default context window: the KV pool and position tables are sized from it.
-DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from python_backend_utils.context_window import default_window, supported_window
 from python_backend_utils.engine import cpu_kernels
 from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.linear import DenseLinear, Int8Linear, make_linear
@@ -119,27 +120,21 @@ class PagedCausalLM:
             max_position_embeddings=text_config.max_position_embeddings,
         )
         self.eps = text_config.rms_norm_eps
-        self.sliding_window = getattr(text_config, "sliding_window", None) if getattr(
-            text_config, "use_sliding_window", True
-        ) else None
         self.eos_token_ids = _eos_ids(hf_model.generation_config.eos_token_id or text_config.eos_token_id)
         self._load_weights(hf_model)
         self._decode_table = self._fused_decode_table()
-        self.max_model_len = self._max_model_len(config.max_model_len)
+        self.max_model_len = self._max_model_len(config.max_model_len, text_config.to_dict())
         self.cos, self.sin = self._rotary_tables(hf_model, self.max_model_len)
         del hf_model
 
-    def _max_model_len(self, configured: int) -> int:
-        from python_backend_utils.engine.config import DEFAULT_MAX_MODEL_LEN_CAP
-
-        limit = self.shape.max_position_embeddings
-        if self.sliding_window:
-            limit = min(limit, self.sliding_window)
+    @staticmethod
+    def _max_model_len(configured: int, model_config: dict) -> int:
+        limit = supported_window(model_config)
         if configured:
             if configured > limit:
                 raise InvalidRequestError(f"max_model_len={configured} exceeds what the model supports ({limit})")
             return configured
-        return min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
+        return default_window(model_config)
 
     def _load_weights(self, hf_model) -> None:
         def take(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -66,16 +66,12 @@ class ContextResult:
 
 
 class InstanceWatch(Protocol):
-    """Whoever supervises the instances (the BLS model): told what requests find out, asked what they cannot."""
+    """Whoever supervises the instances (the BLS model): told when a routed request could not reach a
+    remote target, or found the stub of one on this server dead; asked whether such a stub lives."""
 
-    def unreachable(self, target: Target) -> None:
-        """A routed request could not reach this remote target."""
-
-    def stub_died(self, target: Target) -> None:
-        """An instance on this server lost its stub (told by every request that finds out)."""
-
-    def stub_running(self, target: Target) -> bool:
-        """Whether the stub process of an instance on this server lives."""
+    def unreachable(self, target: Target) -> None: ...
+    def stub_died(self, target: Target) -> None: ...
+    def stub_running(self, target: Target) -> bool: ...
 
 
 class Orchestrator:

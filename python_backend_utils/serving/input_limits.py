@@ -7,9 +7,6 @@ the bound. Each refusal is an InvalidRequestError naming the input, the size and
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from python_backend_utils.errors import InvalidRequestError
 
 # Token ids in one prompt: above the window of any model served here (the engine then checks the
@@ -31,16 +28,6 @@ def check_words(words: list[bytes], name: str) -> None:
     """stop_words / bad_words as sent, before they are decoded and tokenized."""
     check_size(name, len(words), MAX_WORDS, "words")
     check_size(name, sum(len(word) for word in words), MAX_WORD_LIST_BYTES, "bytes")
-
-
-def context_window(model_dir: Path) -> int:
-    """The longest context the checkpoint supports (`max_position_embeddings`), which bounds the
-    window of every engine that serves it (their max_model_len is at most this)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    window = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
-    if not isinstance(window, int) or window <= 0:
-        raise ValueError(f"{model_dir / 'config.json'} names no max_position_embeddings")
-    return window
 
 
 class PromptTextLimit:

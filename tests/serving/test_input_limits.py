@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from python_backend_utils.context_window import model_config, supported_window
 from python_backend_utils.environment import CheckpointNotFoundError, resolve_model_dir
 from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.serving.input_limits import (
@@ -15,7 +16,6 @@ from python_backend_utils.serving.input_limits import (
     MAX_WORDS,
     PromptTextLimit,
     check_words,
-    context_window,
 )
 from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
 from python_backend_utils.serving.triton_io import decode_word_list, generation_request
@@ -59,7 +59,7 @@ def test_the_default_checkpoint_text_limit_never_refuses_a_prompt_that_fits():
         pytest.skip(str(error))
     tokenizer = load_tokenizer({"model_dir": str(model_dir)})
     longest = longest_token_bytes(tokenizer)
-    limit = PromptTextLimit(context_window(model_dir), longest)
+    limit = PromptTextLimit(supported_window(model_config(model_dir)), longest)
     assert (limit.window, longest) == (8192, 81)
     token_text = next(text for i in range(len(tokenizer)) if len((text := tokenizer.decode([i])).encode()) == longest)
     assert len(tokenizer.encode(token_text * 4, add_special_tokens=False)) == 4

@@ -7,6 +7,7 @@ a text longer than can fit in the context window is refused at once.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend_utils.context_window import model_config, supported_window
 from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.serving.input_limits import (
@@ -14,7 +15,6 @@ from python_backend_utils.serving.input_limits import (
     PromptTextLimit,
     check_size,
     check_words,
-    context_window,
 )
 from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
 from python_backend_utils.serving.triton_io import (
@@ -32,7 +32,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(parameters)
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
-        window = context_window(resolve_model_dir(parameters.get("model_dir") or None))
+        window = supported_window(model_config(resolve_model_dir(parameters.get("model_dir") or None)))
         self.text_limit = PromptTextLimit(window, longest_token_bytes(self.tokenizer))
 
     def execute(self, requests):
