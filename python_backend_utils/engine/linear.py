@@ -5,7 +5,9 @@ in panels of output channels (`cpu_kernels.pack`), and every product runs in the
 decode step streams each weight once for a handful of rows, which MKL's sgemm does at a fraction
 of the memory's pace because it re-packs the weight on every call (benchmarks/RESULTS.md,
 section 7); for a prefill's hundreds of rows the kernel is within a few percent of MKL. Elsewhere
-(a GPU, or no kernel) the weight stays [n, k] and F.linear runs.
+(a GPU, or no kernel) the weight stays [n, k] and F.linear runs. bf16 weights are packed where the
+CPU multiplies bf16 (AVX512-BF16 or AMX): half the bytes of fp32 to stream at decode, and AMX's
+tiles for prefill.
 
 With `weight_quantization = "int8"` each output channel is stored as int8 with its own scale (1
 byte a parameter instead of 4) and the kernel multiplies the fp32 activations by it directly.
@@ -27,10 +29,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class DenseLinear:
+    """fp32 or bf16 weights; packed, the bias is kept in fp32 (the kernel adds it before rounding)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.out_features = weight.shape[0]
-        self.bias = bias
-        self.packed = weight.dtype == torch.float32 and cpu_kernels.packing_applies(weight)
+        self.out_features, self.in_features = weight.shape
+        self.packed = weight.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.packing_applies(weight)
+        self.bias = bias.float().contiguous() if self.packed and bias is not None else bias
         self.weight = cpu_kernels.pack(weight) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,9 @@ class DenseLinear:
 
     def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the [n, k] weight: the embedding lookup of a tied LM head."""
-        return cpu_kernels.unpack_rows(self.weight, rows) if self.packed else F.embedding(rows, self.weight)
+        if self.packed:
+            return cpu_kernels.unpack_rows(self.weight, rows, self.in_features)
+        return F.embedding(rows, self.weight)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
@@ -52,7 +58,7 @@ class Int8Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         weight = weight.detach().float()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).contiguous()
         quantized = (weight / self.scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -69,7 +75,7 @@ class Int8Linear:
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 [n, k] weight this layer multiplies by."""
-        weight = cpu_kernels.unpack(self.weight, self.out_features) if self.packed else self.weight
+        weight = cpu_kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
         return weight.float() * self.scale[:, None]
 
     def nbytes(self) -> int:

@@ -168,20 +168,27 @@ class PagedCausalLM:
             )
 
     def _fused_decode_table(self) -> torch.Tensor | None:
-        """The layers as cpu_kernels.decode_layers reads them, when it applies: fp32 on a CPU, every weight packed."""
+        """The layers as cpu_kernels.decode_layers reads them, when it applies: fp32 or bf16 on a CPU, every
+        weight packed. The norms and biases it reads are fp32 (copies, for a bf16 model, kept alive here)."""
         linears = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-        if self.dtype != torch.float32 or not all(m.packed for m in linears) or self.shape.head_dim % 16:
+        if self.dtype not in (torch.float32, torch.bfloat16) or not all(m.packed for m in linears) \
+                or self.shape.head_dim % 16:
             return None
 
         def scale(linear: DenseLinear | Int8Linear) -> torch.Tensor | None:
             return linear.scale if isinstance(linear, Int8Linear) else None
 
+        def fp32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.float().contiguous()
+
+        self._decode_norms = [{name: fp32(getattr(layer, name)) for name in ("input_norm", "post_norm", "q_norm",
+                                                                              "k_norm")} for layer in self.layers]
+        self._decode_weight_dtype = linears[0].weight.dtype
         return cpu_kernels.layer_table([
-            {"input_norm": layer.input_norm, "post_norm": layer.post_norm, "q_norm": layer.q_norm,
-             "k_norm": layer.k_norm, "qkv": layer.qkv.weight, "qkv_scale": scale(layer.qkv), "qkv_bias": layer.qkv.bias,
+            {**norms, "qkv": layer.qkv.weight, "qkv_scale": scale(layer.qkv), "qkv_bias": layer.qkv.bias,
              "o": layer.o_proj.weight, "o_scale": scale(layer.o_proj), "gate_up": layer.gate_up.weight,
              "gate_up_scale": scale(layer.gate_up), "down": layer.down.weight, "down_scale": scale(layer.down)}
-            for layer in self.layers])
+            for layer, norms in zip(self.layers, self._decode_norms)])
 
     def weight_bytes(self) -> int:
         """What one step reads of the matrices: every layer's and the LM head's."""
@@ -212,14 +219,16 @@ class PagedCausalLM:
                   else F.embedding(plan.input_ids, self.embed))
         if (self._decode_table is not None and plan.only_decode and plan.in_place
                 and cpu_kernels.decode_layers_applies(plan.num_tokens)):
-            # Decode only (one new token per sequence): every layer in one C call, same arithmetic.
-            hidden = hidden.contiguous()
+            # Decode only (one new token per sequence): every layer in one C call, same arithmetic (in
+            # fp32 between the products for a bf16 model).
+            state = hidden.float().contiguous()
             cpu_kernels.decode_layers(
-                self._decode_table, self.quantization == "int8", hidden, self.cos[plan.positions].contiguous(),
-                self.sin[plan.positions].contiguous(), plan.write_rows, pool.tensor, plan.decode_tables,
-                plan.decode_lengths, shape.num_heads, shape.num_kv_heads, shape.head_dim,
-                self.layers[0].gate_up.out_features // 2, pool.block_size, self.eps)
-            return self._logits(hidden, plan)
+                self._decode_table, self._decode_weight_dtype, state,
+                self.cos[plan.positions].float().contiguous(), self.sin[plan.positions].float().contiguous(),
+                plan.write_rows, pool.tensor, plan.decode_tables, plan.decode_lengths, shape.num_heads,
+                shape.num_kv_heads, shape.head_dim, self.layers[0].gate_up.out_features // 2, pool.block_size,
+                self.eps)
+            return self._logits(state.to(self.dtype), plan)
         cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         for index, layer in enumerate(self.layers):

@@ -1,4 +1,5 @@
-"""The C decode attention equals torch's attention over the same KV gathered out of the pool."""
+"""The C kernels against torch: decode attention over the pool, and the packed products on every path this
+CPU has (AMX, AVX512-BF16, AVX-512, AVX2), each forced in turn; threads change nothing but the speed."""
 
 from __future__ import annotations
 
@@ -43,7 +44,21 @@ def test_shapes_the_kernel_does_not_cover_take_the_torch_path():
     assert not cpu_kernels.decode_attention_applies(torch.zeros(2, 1, 2, 4, 1, 32, dtype=torch.float16), 32)
 
 
-ISAS = [isa for isa in (1, 2) if isa <= cpu_kernels.BEST_ISA]  # AVX2, AVX-512: each the CPU has
+ISAS = [isa for isa in (cpu_kernels.ISA_AVX2, cpu_kernels.ISA_AVX512) if isa <= cpu_kernels.BEST_ISA]
+BF16_ISAS = [isa for isa in (cpu_kernels.ISA_AVX512_BF16, cpu_kernels.ISA_AMX) if isa <= cpu_kernels.BEST_ISA]
+# The model's products (QKV, output, gate/up, down of the default model), at the rows where the paths and
+# tiles change, and odd ones at 1-33 rows: k not a multiple of AMX's 32 nor even, n not a multiple of the
+# panel, fewer columns than one panel.
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+BF16_SHAPES = MODEL_SHAPES + [(98, 72), (7, 33), (45, 100)]
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's (and so the kernels') thread count for a test, and puts it back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -91,3 +106,116 @@ def test_a_packed_weight_gives_back_its_rows():
     assert linear.packed and linear.weight.shape == (3, 16, 32)
     rows = torch.tensor([0, 69, 31, 32, 5])
     assert torch.equal(linear.weight_rows(rows), weight[rows])
+
+
+@pytest.mark.skipif(not BF16_ISAS, reason="this CPU multiplies no bf16 (neither AVX512-BF16 nor AMX)")
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("out_features, in_features", BF16_SHAPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_packed_bf16_linear_equals_the_product_of_the_rounded_operands(isa, out_features, in_features, x_dtype):
+    """bf16 panels: x rounded to bf16, products summed in fp32; out in x's dtype. Rows 1-33 and a prefill's 300."""
+    generator = torch.Generator().manual_seed(out_features * in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=generator)
+    panels = cpu_kernels.pack(weight)
+    all_rows = [1, 7, 8, 9, 15, 16, 17, 32, 33, 300] if (out_features, in_features) in MODEL_SHAPES else range(1, 34)
+    for rows in all_rows:
+        x = torch.randn(rows, in_features, generator=generator).to(x_dtype)
+        got = cpu_kernels.packed_linear(x, panels, out_features, None, bias, isa)
+        expected = F.linear(x.to(torch.bfloat16).float(), weight.float(), bias)
+        assert got.dtype == x_dtype
+        tolerance = {"atol": 1e-4, "rtol": 1e-5} if x_dtype == torch.float32 else {"atol": 0.05, "rtol": 0.01}
+        torch.testing.assert_close(got.float(), expected, **tolerance, msg=lambda m, rows=rows: f"rows {rows}: {m}")
+
+
+@pytest.mark.skipif(not BF16_ISAS, reason="this CPU multiplies no bf16 (neither AVX512-BF16 nor AMX)")
+def test_a_packed_bf16_weight_gives_back_its_rows_and_itself():
+    from python_backend_utils.engine.linear import DenseLinear
+
+    weight = torch.randn(70, 40).to(torch.bfloat16)
+    linear = DenseLinear(weight)
+    assert linear.packed and linear.weight.shape == (3, 32, 32, 2)  # k padded to 64, in pairs
+    rows = torch.tensor([0, 69, 31, 32, 5])
+    assert torch.equal(linear.weight_rows(rows), weight[rows])
+    assert torch.equal(cpu_kernels.unpack(linear.weight, 70, 40), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [1, 8, 33, 300])
+def test_two_threads_give_the_same_product_bit_for_bit(dtype, rows, threads):
+    """Threads split the panels: each output is the same sum in the same order."""
+    if not cpu_kernels.packing_applies(torch.zeros(1, 1, dtype=dtype)):
+        pytest.skip(f"this CPU does not pack {dtype}")
+    generator = torch.Generator().manual_seed(rows)
+    weight = (torch.randint(-127, 128, (200, 96), generator=generator, dtype=torch.int8) if dtype == torch.int8
+              else torch.randn(200, 96, generator=generator).to(dtype))
+    scale = torch.rand(200, generator=generator) + 0.5 if dtype == torch.int8 else None
+    x, panels = torch.randn(rows, 96, generator=generator), cpu_kernels.pack(weight)
+    outputs = []
+    for count in (1, 2):
+        threads(count)
+        outputs.append(cpu_kernels.packed_linear(x, panels, 200, scale, None))
+    assert torch.equal(*outputs)
+
+
+def test_two_threads_give_the_same_decode_attention_bit_for_bit(threads):
+    generator = torch.Generator().manual_seed(1)
+    pool = torch.randn(20, LAYERS, 2, BLOCK, KV_HEADS, DIM, generator=generator)
+    lengths = torch.tensor([1, 5, 13, 8, 16], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(20, generator=generator)[:4] for _ in lengths]).to(torch.int32)
+    query = torch.randn(len(lengths), HEADS, DIM, generator=generator)
+    outputs = []
+    for count in (1, 2):
+        threads(count)
+        outputs.append(cpu_kernels.decode_attention(query, pool, tables, lengths, 1, KV_HEADS, BLOCK))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_picks_the_same_greedy_tokens_on_one_and_two_threads(dtype, tmp_path, threads):
+    from python_backend_utils.engine.config import EngineConfig
+    from python_backend_utils.engine.engine import LLMEngine
+    from python_backend_utils.engine.sampling_params import SamplingParams
+    from tests.engine.checkpoints import build_tiny_checkpoint, run_to_completion, tokens_of
+
+    directory = str(build_tiny_checkpoint("qwen2", tmp_path / "qwen2"))
+    runs = []
+    for count in (1, 2):
+        engine = LLMEngine(EngineConfig(model_dir=directory, num_kv_blocks=64, block_size=4, num_threads=count,
+                                        dtype=dtype))
+        for index, prompt in enumerate(([5, 6, 7], [9] * 11, list(range(20, 57)))):
+            engine.add_request(f"r{index}", prompt, SamplingParams(max_tokens=16, ignore_eos=True))
+        outputs = run_to_completion(engine)
+        runs.append({name: tokens_of(output) for name, output in outputs.items()})
+    assert runs[0] == runs[1]
+    assert all(len(tokens) == 16 for tokens in runs[0].values())
+
+
+@pytest.mark.skipif(not BF16_ISAS, reason="this CPU multiplies no bf16 (neither AVX512-BF16 nor AMX)")
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # QKV bias; per-head norms of queries and keys
+def test_a_bf16_model_decodes_in_one_call_within_bf16_rounding_of_its_layers(family, tmp_path):
+    """The fused step keeps fp32 between the bf16 products, the torch layers round each op to bf16: the
+    logits agree within a few bf16 ulps (measured: 0.5-0.7% of their norm) at every step."""
+    from python_backend_utils.engine.config import EngineConfig
+    from python_backend_utils.engine.engine import LLMEngine
+    from python_backend_utils.engine.sampling_params import SamplingParams
+    from tests.engine.checkpoints import build_tiny_checkpoint, run_to_completion
+
+    directory = str(build_tiny_checkpoint(family, tmp_path / family))
+    runs = []
+    for fused in (True, False):
+        engine = LLMEngine(EngineConfig(model_dir=directory, num_kv_blocks=64, block_size=4, dtype="bfloat16"))
+        assert engine.model._decode_table is not None
+        if not fused:
+            engine.model._decode_table = None
+        forward, logits = engine.model.forward, []
+        engine.model.forward = lambda chunks, pool, forward=forward, logits=logits: logits.append(
+            forward(chunks, pool)) or logits[-1]
+        for index, prompt in enumerate(([5, 6, 7], [9] * 11, list(range(20, 37)))):
+            engine.add_request(f"r{index}", prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+        run_to_completion(engine)
+        runs.append(logits)
+    fused, layered = runs
+    assert len(fused) == len(layered) > 10
+    for step, (a, b) in enumerate(zip(fused, layered)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.02, step
