@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from openai_frontend.generation import Answer, generation_params
+from openai_frontend.guided import Guide, GuideError, requested_guide
 from openai_frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -40,6 +42,7 @@ from openai_frontend.schemas import (
     now,
     response_id,
 )
+from openai_frontend.tools import ToolCalling, ToolCallParser, fallback_messages
 from openai_frontend.triton_client import GenerationError, TritonGenerator
 from python_backend_utils.context_window import default_window, model_config
 from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
@@ -118,10 +121,17 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             if not ready_once:
                 raise ApiError(503, "the model is not ready yet: retry shortly")
 
+    def guide_of(request: SamplingRequest) -> Guide | None:
+        try:
+            return requested_guide(request)
+        except GuideError as error:
+            raise ApiError(400, str(error), error.param) from None
+
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool) -> Answer:
+                    log_probs: bool, guide: Guide | None) -> Answer:
         await wait_ready()
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs)
+        params = dataclasses.replace(params, guide=guide)
         answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings())
         await answer.start()
         return answer
@@ -140,7 +150,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None, guide_of(request))
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
                                            include_usage(request)))
@@ -153,18 +163,39 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         if model.chat_template is None:
             raise ApiError(400, f"the model {model.card.id!r} has no chat template: use /v1/completions",
                            "messages", "no_chat_template")
-        try:
-            rendered = model.chat_template.render([message.template_data() for message in request.messages])
-        except ChatTemplateError as error:
-            raise ApiError(400, str(error), "messages") from None
-        # As transformers tokenizes a rendered chat: the template places any special tokens itself.
-        prompt_ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs)
+        calling, guide = tool_calling(request), guide_of(request)
+        if calling is not None and (forced := calling.guide()) is not None:
+            if guide is not None:
+                raise ApiError(400, f"tool_choice {request.tool_choice!r} forces a tool call: it cannot also follow "
+                               "response_format or a guided_* constraint", "tool_choice")
+            guide = forced
+        prompt_ids = model.tokenizer.encode(render_chat(model.chat_template, request, calling),
+                                            add_special_tokens=False)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs, guide)
         if request.stream:
-            return EventSourceResponse(sse(ChatReply(await answer, request, model).chunks(), include_usage(request)))
-        return await unless_disconnected(http, whole(lambda done: ChatReply(done, request, model), answer))
+            return EventSourceResponse(sse(ChatReply(await answer, request, model, calling).chunks(),
+                                           include_usage(request)))
+        return await unless_disconnected(http, whole(lambda done: ChatReply(done, request, model, calling), answer))
 
     return app
+
+
+def tool_calling(request: ChatCompletionRequest) -> ToolCalling | None:
+    try:
+        return ToolCalling.of(request)
+    except GuideError as error:
+        raise ApiError(400, str(error), error.param) from None
+
+
+def render_chat(template: ChatTemplate, request: ChatCompletionRequest, calling: ToolCalling | None) -> str:
+    """The prompt's text; tools go to a template that renders them, else through the fallback (tools.py)."""
+    messages = [message.template_data() for message in request.messages]
+    try:
+        if template.supports_tools:
+            return template.render(messages, calling.template_tools() if calling else None)
+        return template.render(fallback_messages(messages, calling))
+    except ChatTemplateError as error:
+        raise ApiError(400, str(error), "messages") from None
 
 
 async def whole(reply: Callable[[Answer], CompletionReply | ChatReply],
@@ -247,9 +278,17 @@ class CompletionReply:
 
 
 class ChatReply:
-    def __init__(self, answer: Answer, request: ChatCompletionRequest, model: ServedModel) -> None:
+    def __init__(self, answer: Answer, request: ChatCompletionRequest, model: ServedModel,
+                 calling: ToolCalling | None = None) -> None:
         self.answer, self.request, self.model = answer, request, model
+        self.parser = ToolCallParser(calling) if calling is not None else None
         self.id, self.created = response_id("chatcmpl"), now()
+
+    @property
+    def finish_reason(self) -> str:
+        if self.parser is not None and self.parser.calls and self.answer.finish_reason == "stop":
+            return "tool_calls"
+        return self.answer.finish_reason
 
     def _logprobs(self, pieces) -> ChoiceLogprobs | None:
         if not self.request.logprobs:
@@ -267,15 +306,23 @@ class ChatReply:
 
     async def whole(self) -> ChatCompletion:
         pieces = [piece async for piece in self.answer.pieces()]
-        choice = ChatChoice(message=AssistantMessage(content=self.answer.text.text), logprobs=self._logprobs(pieces),
-                            finish_reason=self.answer.finish_reason)
+        content, calls = self.answer.text.text, None
+        if self.parser is not None:
+            content, calls = self.parser.parse(content)
+        choice = ChatChoice(message=AssistantMessage(content=content, tool_calls=calls or None),
+                            logprobs=self._logprobs(pieces), finish_reason=self.finish_reason)
         return ChatCompletion(id=self.id, created=self.created, model=self.model.card.id, choices=[choice],
                               usage=self.answer.usage)
 
     async def chunks(self) -> AsyncIterator[ChatCompletionChunk]:
         yield self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
         async for piece in self.answer.pieces():
-            if piece.text or piece.token_ids:
-                yield self._chunk([ChatChunkChoice(delta=Delta(content=piece.text), logprobs=self._logprobs([piece]))])
-        yield self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=self.answer.finish_reason)])
+            if not (piece.text or piece.token_ids):
+                continue
+            delta = Delta(content=piece.text) if self.parser is None else self.parser.feed(piece.text)
+            if delta is not None or self.request.logprobs:
+                yield self._chunk([ChatChunkChoice(delta=delta or Delta(), logprobs=self._logprobs([piece]))])
+        if self.parser is not None and (delta := self.parser.finish()) is not None:
+            yield self._chunk([ChatChunkChoice(delta=delta)])
+        yield self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=self.finish_reason)])
         yield self._chunk([], self.answer.usage)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -59,6 +60,8 @@ class ChatTemplate:
         environment.globals["strftime_now"] = _strftime_now
         self._template = environment.from_string(source)
         self._special_tokens = special_tokens
+        # Templates that render tools read the `tools` variable; the others ignore any given.
+        self.supports_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(source))
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path) -> ChatTemplate | None:
@@ -71,10 +74,10 @@ class ChatTemplate:
         special = {name: text for name in SPECIAL_TOKENS if (text := _token_text(config.get(name)))}
         return cls(source, special)
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._special_tokens
+                messages=messages, tools=tools, documents=None, add_generation_prompt=True, **self._special_tokens
             )
         except jinja2.exceptions.TemplateError as error:
             raise ChatTemplateError(f"the model's chat template refused the messages: {error}") from None

@@ -7,13 +7,14 @@ are accepted by the schema and refused by `unsupported()` with a message that sa
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class RequestBody(BaseModel):
@@ -22,6 +23,16 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+
+
+class StructuredOutputs(RequestBody):
+    """vLLM's `structured_outputs`: one constraint on the answer."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingRequest(RequestBody):
@@ -44,6 +55,12 @@ class SamplingRequest(RequestBody):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
+    # Structured output, vLLM's names (openai_frontend/guided.py)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -66,18 +83,90 @@ class TextPart(RequestBody):
     text: str
 
 
-class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+class FunctionCall(RequestBody):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
 
-    def template_data(self) -> dict[str, str]:
-        """The message as the chat template reads it: text parts joined into one string."""
-        content = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
-        data = {"role": self.role, "content": content}
+
+class ToolCall(RequestBody):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except in an assistant message with tool_calls")
+        return self
+
+    def template_data(self) -> dict[str, Any]:
+        """The message as the chat template reads it: text parts joined into one string; tool calls
+        with their arguments as objects, which is what templates that render them expect."""
+        content = self.content if isinstance(self.content, str | None) else "\n".join(p.text for p in self.content)
+        data: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             data["name"] = self.name
+        if self.tool_calls:
+            data["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
         return data
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDefinition(RequestBody):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none means no arguments
+    strict: bool | None = None  # calls forced by tool_choice follow the schema whatever this says
+
+
+class Tool(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestBody):
+    name: str
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(RequestBody):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response format needs its json_schema")
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -85,24 +174,22 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported(self) -> tuple[str, str] | None:
         checks = [
-            ("tools", bool(self.tools), "tool calls are not supported"),
-            ("tool_choice", self.tool_choice not in (None, "none"), "tool calls are not supported"),
+            ("tool_choice", self.tool_choice not in (None, "none") and not self.tools,
+             "tool_choice needs tools to choose from"),
             ("functions", bool(self.functions), "function calls are not supported"),
             ("function_call", self.function_call not in (None, "none"), "function calls are not supported"),
-            ("response_format", (self.response_format or {"type": "text"}).get("type") != "text",
-             "only the text response format is supported"),
             ("top_logprobs", bool(self.top_logprobs),
              "the engine reports only the chosen token's log-probability: send top_logprobs 0 or leave it out"),
         ]
@@ -201,9 +288,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -222,9 +321,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: its first has id, type and name; the rest add to its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import np_to_triton_dtype
 
+from openai_frontend.guided import Guide
 from python_backend_utils.grpc_streams import end_stream
 
 # An error ends the stream with its gRPC status, so the engine's INVALID_ARG stays a 400.
@@ -37,6 +38,7 @@ class GenerationParams:
     seed: int | None
     min_tokens: int
     return_log_probs: bool
+    guide: Guide | None = None  # structured output: the grammar the answer follows
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The middle step's inputs (TensorRT-LLM's tensorrt_llm names) for these settings."""
@@ -51,6 +53,9 @@ class GenerationParams:
         }
         if self.seed is not None:
             arrays["random_seed"] = np.array([self.seed], np.uint64)
+        if self.guide is not None:
+            arrays["guided_decoding_guide_type"] = np.array([self.guide.guide_type.encode()], np.object_)
+            arrays["guided_decoding_guide"] = np.array([self.guide.guide.encode()], np.object_)
         return arrays
 
 

@@ -13,6 +13,7 @@ import torch
 
 from python_backend_utils.engine.block_manager import BlockManager
 from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.grammar import Grammars, apply_grammar_masks
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
 from python_backend_utils.engine.sampler import apply_bad_words, sample
@@ -47,10 +48,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None) -> None:
         torch.set_num_threads(config.num_threads)
         self.config = config
-        self.model = PagedCausalLM(config, str(resolve_model_dir(config.model_dir)))
+        model_dir = resolve_model_dir(config.model_dir)
+        self.model = PagedCausalLM(config, str(model_dir))
         shape = self.model.shape
         self.max_model_len = self.model.max_model_len
         self.vocab_size = shape.vocab_size
+        self.grammars = Grammars(model_dir, shape.vocab_size, self.model.eos_token_ids)
         num_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // KVPool.bytes_per_block(
             shape, config.block_size, config.kv_torch_dtype
         )
@@ -182,6 +185,7 @@ class LLMEngine:
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
                 logits[row, seq.params.end_id] = float("-inf")
+        apply_grammar_masks(logits, [s.grammar for s in seqs])
         tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
         for row, (seq, token, log_prob) in enumerate(zip(seqs, tokens.tolist(), log_probs.tolist())):
@@ -196,6 +200,8 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         seq.token_ids.append(token)
         seq.output_log_probs.append(log_prob)
         reason = self._finish_reason(seq, token)
@@ -205,6 +211,8 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
+        if seq.grammar is not None and seq.grammar.terminated:
+            return "stop"
         if seq.num_output_tokens < params.min_tokens:
             return None
         if not params.ignore_eos and params.end_id is not None and token == params.end_id:
@@ -277,6 +285,12 @@ class LLMEngine:
                 f"the request needs up to {needed} KV blocks and this instance has {self.block_manager.num_blocks}: "
                 "lower max_tokens or the prompt length, or raise kv_cache_memory_bytes"
             )
+        if seq.params.guided_decoding is not None:
+            # On a generation instance the first token came from the context instance: the
+            # grammar is rebuilt here and advanced over it.
+            seq.grammar = self.grammars.matcher(seq.params.guided_decoding)
+            for token in seq.output_ids:
+                seq.grammar.advance(token)
         if not seq.params.greedy:
             seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)

@@ -89,8 +89,9 @@ class EngineLoop:
     ) -> None:
         """Queue a request prefilled here (aggregated or context-only).
 
-        Invalid requests raise here, in the caller's thread."""
-        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        Invalid requests raise here, in the caller's thread (which also compiles a grammar, so
+        the loop does not wait for it)."""
+        self._check(prompt_ids, params)
         self._submit(request_id, _Subscriber(on_output, is_cancelled, on_error),
                      lambda: self.engine.add_request(request_id, prompt_ids, params, role))
 
@@ -106,10 +107,15 @@ class EngineLoop:
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         """Queue a generation-only request (see LLMEngine.add_generation_request)."""
-        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        self._check(prompt_ids, params)
         self._submit(request_id, _Subscriber(on_output, is_cancelled, on_error),
                      lambda: self.engine.add_generation_request(
                          request_id, prompt_ids, first_token, params, start_pull))
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate(len(prompt_ids), self.engine.max_model_len, self.engine.vocab_size)
+        if params.guided_decoding is not None:
+            self.engine.grammars.compile(params.guided_decoding)
 
     def stop_request(self, request_id: str, reason: str) -> None:
         """Abort a request from any thread; its subscriber gets RequestAbortedError(reason)."""

@@ -12,6 +12,28 @@ from python_backend_utils.errors import InvalidRequestError
 # Temperatures below this are greedy: logits/T would overflow, and the draw is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
 
+# TensorRT-LLM's guided_decoding_guide_type values this engine compiles (engine/grammar.py):
+# "json" any JSON object, "json_schema" a JSON schema, "regex", "ebnf_grammar" (xgrammar's EBNF).
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+MAX_GUIDE_BYTES = 1 << 20  # a grammar is compiled against the whole vocabulary: bound what that costs
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A grammar the answer must follow (structured output), as text: it crosses Triton as a string."""
+
+    guide_type: str
+    guide: str = ""  # the schema, regex or grammar; unused for "json"
+
+    def validate(self) -> None:
+        if self.guide_type not in GUIDE_TYPES:
+            raise InvalidRequestError(
+                f"guided_decoding_guide_type {self.guide_type!r} is not one of {', '.join(GUIDE_TYPES)}")
+        if self.guide_type != "json" and not self.guide:
+            raise InvalidRequestError(f"guided_decoding_guide is empty: a {self.guide_type} guide needs its text")
+        if len(self.guide.encode()) > MAX_GUIDE_BYTES:
+            raise InvalidRequestError(f"guided_decoding_guide is longer than {MAX_GUIDE_BYTES} bytes")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +52,7 @@ class SamplingParams:
     return_log_probs: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0  # the end id and stop words cannot end the answer before this many tokens
+    guided_decoding: GuidedDecoding | None = None
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +91,8 @@ class SamplingParams:
                 if not word:
                     raise InvalidRequestError(f"{name} holds an empty word (an empty string tokenizes to nothing)")
                 check_token_ids(word, vocab_size, name)
+        if self.guided_decoding is not None:
+            self.guided_decoding.validate()
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, name: str) -> None:

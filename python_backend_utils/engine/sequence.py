@@ -6,10 +6,14 @@ import enum
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from python_backend_utils.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from python_backend_utils.engine.grammar import GrammarMatcher
 
 # Generation-only: called with the block table once blocks are allocated; the future it returns
 # is done once nothing writes those blocks any more: with a result when the KV is in place, with
@@ -58,6 +62,7 @@ class Sequence:
     kv_pull: Future | None = None  # what start_pull returned, polled between steps
     finish_reason: str | None = None
     num_emitted: int = 0
+    grammar: GrammarMatcher | None = None  # structured output: where the answer is in its grammar
 
     @property
     def num_tokens(self) -> int:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from python_backend_utils.engine.sampling_params import SamplingParams
+from python_backend_utils.engine.sampling_params import GuidedDecoding, SamplingParams
 from python_backend_utils.errors import InvalidRequestError
 from python_backend_utils.serving.detokenize import PRECEDING_TOKENS
 from python_backend_utils.serving.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_IDS, check_size
@@ -126,6 +126,7 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         bad_words=decode_word_list(inputs.get("bad_words_list"), "bad_words_list"),
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
         min_tokens=scalar(inputs, "min_length", 0),
+        guided_decoding=guided_decoding(inputs),
     )
     return GenerationRequest(
         prompt_ids=input_ids[:length].tolist(),
@@ -133,6 +134,28 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         streaming=bool(scalar(inputs, "streaming", False)),
         exclude_input_in_output=bool(scalar(inputs, "exclude_input_in_output", False)),
     )
+
+
+def guided_decoding(inputs: dict[str, np.ndarray]) -> GuidedDecoding | None:
+    """TensorRT-LLM's guided_decoding_guide_type and guided_decoding_guide, as strings."""
+    guide_type = _string(inputs, "guided_decoding_guide_type")
+    guide = _string(inputs, "guided_decoding_guide")
+    if guide_type is None:
+        if guide:
+            raise InvalidRequestError("guided_decoding_guide needs guided_decoding_guide_type: say what the guide is")
+        return None
+    return GuidedDecoding(guide_type, guide or "")
+
+
+def _string(inputs: dict[str, np.ndarray], name: str) -> str | None:
+    """The single value of a [1]-shaped string (BYTES) input, or None when it was not sent."""
+    value = inputs.get(name)
+    if value is None:
+        return None
+    if value.size != 1:
+        raise InvalidRequestError(f"{name} must hold exactly one value, got shape {list(value.shape)}")
+    item = value.reshape(-1)[0]
+    return decode_text(item, name) if isinstance(item, bytes) else str(item)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,8 @@ MALFORMED = [
     ("/v1/chat/completions", {**CHAT_BODY, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT_BODY, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {**CHAT_BODY, "n": 3}, "n"),
-    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {**CHAT_BODY, "frobnicate": True}, "frobnicate"),
     ("/v1/chat/completions", {**CHAT_BODY, "min_tokens": 10}, None),  # the engine's own check: min > max
     ("/v1/completions", {"model": DEFAULT_MODEL_NAME, "prompt": [3, 10**7], "max_tokens": 4}, None),  # not a token

@@ -16,8 +16,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
 ])
 def test_chat_parameters_the_engine_cannot_honour_are_named(extra, param):
