@@ -46,7 +46,9 @@ def exit_with_server() -> None:
 
 
 def _wait_for_exit(pidfd: int, server_pid: int) -> None:
-    select.select([pidfd], [], [])  # a pidfd reads ready once its process has exited
+    poller = select.poll()  # not select(): a stub may hold more than FD_SETSIZE descriptors
+    poller.register(pidfd, select.POLLIN)  # ready once the process has exited, reaped or not
+    poller.poll()
     _server_gone(server_pid)
 
 

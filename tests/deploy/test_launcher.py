@@ -454,3 +454,21 @@ def test_a_child_forked_for_a_thread_outlives_that_thread():
         assert child.poll() is None
     finally:
         kill_group(child)
+
+
+@pytest.mark.integration
+def test_stubs_end_when_their_server_is_killed(tmp_path):
+    """A killed tritonserver that its parent has not reaped yet still passes the stub's own parent
+    check (kill(pid, 0)): without the watch its stubs lived on, each holding its /dev/shm region."""
+    repository = write_model(tmp_path / "repo", "watched", initialize=WATCHED_SLOW_LOAD)
+    write_model(repository, "watched2", initialize=WATCHED_SLOW_LOAD)
+    server = TritonServer(repository, **free_server_ports(), log_file=tmp_path / "server.log")
+    server.start()
+    try:
+        stubs = processes_mentioning(str(repository / "watched"))
+        assert len(stubs) == 2 and our_shm_regions()
+        os.kill(server.pid, signal.SIGKILL)  # the server alone, and left unreaped
+        wait_until(lambda: not processes_mentioning(str(repository / "watched")) and not our_shm_regions(),
+                   timeout_s=10)
+    finally:
+        server.stop()
