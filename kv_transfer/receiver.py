@@ -55,7 +55,6 @@ from .wire import (
 
 # Pulls that fail these ways leave the sender nothing to free early: refused or expired there,
 # refused here before asking (another receiver may still pull it), or this agent is closing.
-_ABANDON_DEADLINE_S = 120.0
 _NOTHING_TO_ABANDON = (AgentClosedError, PullRefusedError, PeerNotAllowedError, HandleExpiredError,
                        LayoutMismatchError)
 
@@ -371,16 +370,14 @@ class Receiver:
 
     def _abandon(self, pull: Pull) -> None:
         """Tell each sender whose part did not arrive that nobody will pull it (the request is
-        prefilled here instead), so it frees the blocks now, not at the handle's expiry."""
+        prefilled here instead), so it frees the blocks now, not at the handle's expiry. A frozen
+        sender gets it on resuming: UCX still sends it after its deadline, and the transport keeps
+        the frame of a send it gave up on."""
+        deadline = time.monotonic() + self._config.response_timeout_s
         for sub in pull.subs:
             if sub.phase is not Phase.DONE and sub.handle.agent_process.is_alive() is not False:
                 abandoned = PullAbandoned(self._config.name, sub.handle.request_id, sub.handle.secret).to_bytes()
-                # Until the handle expires (the sender frees the blocks then anyway): a frozen sender
-                # gets it on resuming. A send dropped at its deadline while UCX still queues it goes
-                # out later with whatever reused its buffer, and fails the MAC check.
-                lifetime = min(max(sub.handle.expires_at - time.time(), 0.0), _ABANDON_DEADLINE_S)
-                self._transport.send_control(sub.handle.agent_address, abandoned, CONTROL_TAG,
-                                             time.monotonic() + lifetime)
+                self._transport.send_control(sub.handle.agent_address, abandoned, CONTROL_TAG, deadline)
 
     def check_liveness(self) -> None:
         for pull in self.pulls:

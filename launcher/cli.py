@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from launcher.openai_process import FrontendStartError, OpenAIFrontend, frontend_target
 from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
+from launcher.stopping import Stopped, StopSignals
 from launcher.supervisor import Supervisor
 from python_backend_utils.orchestration.deployment import DeploymentError
 
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return study_report.main(argv[1:])
     args = parse_args(argv)
+    stop_signals = StopSignals()  # before any child exists
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
         repository = args.model_repository
         if args.deployment is not None or args.settings:
@@ -137,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, DeploymentError, RenderError) as error:
                 print(f"disagg-serve: {error}", file=sys.stderr)
                 return 2
-        return serve(args, repository)
+        return serve(args, repository, stop_signals)
 
 
-def serve(args: argparse.Namespace, repository: Path) -> int:
+def serve(args: argparse.Namespace, repository: Path, stop_signals: StopSignals) -> int:
     models = args.load_model or MODES[args.mode]
     server = TritonServer(
         repository,
@@ -151,30 +152,38 @@ def serve(args: argparse.Namespace, repository: Path) -> int:
         model_dir=args.model_dir,
         device=args.device,
         ready_timeout_s=args.ready_timeout,
+        check_stop=stop_signals.check,
     )
     target = frontend_target(models)
     frontend = None
     if args.openai_port and target is not None:
         frontend = OpenAIFrontend(triton_grpc_url=server.urls.grpc, triton_model=target,
-                                  port=args.openai_port, model_dir=args.model_dir)
-    # SIGTERM unwinds like Ctrl-C, so the finally below stops the server either way.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+                                  port=args.openai_port, model_dir=args.model_dir, check_stop=stop_signals.check)
     try:
         server.start()
         if frontend is not None:
             frontend.start()
         print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble", frontend),
               flush=True)
-        return Supervisor(server).run()
+        return Supervisor(server, stop_signals).run()
     except (ServerStartError, FrontendStartError) as error:
         print(error, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+    except Stopped as stopped:
+        return stopped.exit_status
     finally:
-        if frontend is not None:
-            frontend.stop()
-        server.stop()
+        stop(server, frontend)
+
+
+def stop(server: TritonServer, frontend: OpenAIFrontend | None) -> None:
+    """The one stop path: both children are asked to stop at once, then each is waited for and
+    killed with its process group after its timeout, and the server's /dev/shm regions removed.
+    Stop signals only set a flag (launcher/stopping.py), so nothing cuts this short."""
+    children = [child for child in (frontend, server) if child is not None]
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.stop()
 
 
 if __name__ == "__main__":

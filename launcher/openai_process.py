@@ -1,21 +1,23 @@
 """The OpenAI frontend (`python -m openai_frontend`) as a child process of the launcher.
 
 A process of its own, not a thread: its event loop and the GIL stay out of the launcher, and it
-is stopped (SIGTERM, then SIGKILL of its process group) with the server it fronts.
+is stopped (SIGTERM, then SIGKILL of its process group) with the server it fronts, or killed by
+the kernel should the launcher die first (launcher/children.py).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from launcher.children import kill_group, spawn
+from launcher.stopping import never_stop
 from python_backend_utils.environment import resolve_model_dir
 
 # The model the frontend calls, by the ensemble a deployment loads (the ensemble's middle step).
@@ -34,10 +36,13 @@ def frontend_target(models: Sequence[str]) -> str | None:
 class OpenAIFrontend:
     def __init__(self, *, triton_grpc_url: str, triton_model: str, port: int, model_dir: str | None = None,
                  host: str = "0.0.0.0", log_file: Path | None = None, ready_timeout_s: float = 60.0,
-                 stop_timeout_s: float = 10.0) -> None:
+                 stop_timeout_s: float = 10.0, check_stop: Callable[[], None] = never_stop) -> None:
+        """`check_stop` is called between health polls: what it raises abandons the start, and
+        stop() then cleans up."""
         self.port = port
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.check_stop = check_stop
         self.log_file = log_file
         self.command = [sys.executable, "-m", "openai_frontend", "--triton-url", triton_grpc_url,
                         "--triton-model", triton_model, "--host", host, "--port", str(port)]
@@ -45,6 +50,7 @@ class OpenAIFrontend:
         if model_dir:
             self.command += ["--model-dir", model_dir]
         self._process: subprocess.Popen | None = None
+        self._terminated_at: float | None = None
 
     @property
     def url(self) -> str:
@@ -58,13 +64,15 @@ class OpenAIFrontend:
     def start(self) -> None:
         output = open(self.log_file, "ab") if self.log_file is not None else None
         try:
-            self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=output,
-                                             stderr=subprocess.STDOUT if output else None, start_new_session=True)
+            self._terminated_at = None
+            self._process = spawn(self.command, stdin=subprocess.DEVNULL, stdout=output,
+                                  stderr=subprocess.STDOUT if output else None)
         finally:
             if output is not None:
                 output.close()
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
+            self.check_stop()
             if self._process.poll() is not None:
                 raise FrontendStartError(f"the OpenAI frontend exited with status {self._process.returncode}")
             try:
@@ -79,17 +87,20 @@ class OpenAIFrontend:
             f"the OpenAI frontend did not answer {self.url}/health within {self.ready_timeout_s:.0f} s"
         )
 
+    def terminate(self) -> None:
+        """SIGTERM, once; stop() waits for it."""
+        if self._process is not None and self._process.poll() is None and self._terminated_at is None:
+            self._process.send_signal(signal.SIGTERM)
+            self._terminated_at = time.monotonic()
+
     def stop(self) -> None:
+        """terminate(), then SIGKILL the process group `stop_timeout_s` after it."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
+        self.terminate()
+        if self._terminated_at is not None:
             try:
-                self._process.wait(self.stop_timeout_s)
+                self._process.wait(max(0.0, self._terminated_at + self.stop_timeout_s - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self._process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._process.wait()
+        kill_group(self._process)

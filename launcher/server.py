@@ -2,7 +2,8 @@
 
 The server runs in its own process group, with a shared-memory prefix of its own for the
 Python stubs, so that a failed or finished server can be cleaned up completely (its stubs and
-its /dev/shm regions) without touching anything else on the machine.
+its /dev/shm regions) without touching anything else on the machine. It dies with the process
+that started it (launcher/children.py), and its stubs with it (serving/server_watch.py).
 
 The stubs get the deployment key that authenticates context_phase_params through
 TRITON_DISAGG_KV_KEY_FILE: the caller's, when set (a deployment across hosts shares one key file),
@@ -39,11 +40,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.children import kill_group, spawn
 from launcher.runtime import TritonRuntime, find_runtime
+from launcher.stopping import never_stop
 from python_backend_utils.environment import DEVICE_ENV, KEY_FILE_ENV, MODEL_DIR_ENV
 from python_backend_utils.orchestration.remote import MIN_PING_INTERVAL_MS
 from python_backend_utils.serving.context_params import MIN_KEY_BYTES
@@ -103,10 +106,12 @@ class TritonServer:
         log_file: Path | None = None,
         ready_timeout_s: float = 300.0,
         stop_timeout_s: float = 30.0,
+        check_stop: Callable[[], None] = never_stop,
     ) -> None:
         """`models` empty loads every model in the repository; otherwise only those (and what
         they depend on) in explicit model-control mode. `log_file` None leaves the server's
-        output on ours."""
+        output on ours. `check_stop` is called between readiness polls: what it raises
+        (launcher.stopping.Stopped) abandons the start, and stop() then cleans up."""
         self.model_repository = Path(model_repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.models = tuple(models)
@@ -115,7 +120,9 @@ class TritonServer:
         self.log_file = log_file
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.check_stop = check_stop
         self._process: subprocess.Popen | None = None
+        self._terminated_at: float | None = None  # when terminate() sent SIGTERM to this process
         self._shm_prefix = ""
         self.admin_key = secrets.token_urlsafe(32)  # the value of ADMIN_HEADER for the repository API
 
@@ -153,6 +160,7 @@ class TritonServer:
         runtime = find_runtime()
         failures = []
         for _ in range(START_ATTEMPTS):
+            self.check_stop()
             self._launch(runtime)
             try:
                 self._wait_until_ready()
@@ -167,21 +175,27 @@ class TritonServer:
         self._kill()
         self.start()
 
-    def wait(self) -> int:
-        """Block until the server exits; its exit status."""
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server exits (at most `timeout_s`); its exit status, None if still running."""
         assert self._process is not None, "start() first"
-        return self._process.wait()
+        try:
+            return self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def terminate(self) -> None:
+        """SIGTERM, once: Triton unloads the models and stops the stubs. stop() waits for it."""
+        if self.running and self._terminated_at is None:
+            self._process.send_signal(signal.SIGTERM)
+            self._terminated_at = time.monotonic()
 
     def stop(self) -> None:
-        """SIGTERM (Triton unloads models and stops the stubs), SIGKILL the group after the timeout."""
+        """terminate(), then SIGKILL the group `stop_timeout_s` after it and remove the /dev/shm regions."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
+        self.terminate()
+        if self._terminated_at is not None:
+            self.wait(max(0.0, self._terminated_at + self.stop_timeout_s - time.monotonic()))
         self._kill()
 
     def command(self, runtime: TritonRuntime, shm_prefix: str) -> list[str]:
@@ -215,6 +229,7 @@ class TritonServer:
     def _launch(self, runtime: TritonRuntime) -> None:
         # Unique per attempt, so a stub left over from a failed attempt never shares a region.
         self._shm_prefix = f"triton_disagg_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._terminated_at = None
         env = runtime.environment(dict(os.environ))
         if not env.get(KEY_FILE_ENV):
             env[KEY_FILE_ENV] = str(session_key_file())
@@ -227,13 +242,12 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log_file, "ab")
         try:
-            self._process = subprocess.Popen(
+            self._process = spawn(
                 server_shell(self.command(runtime, self._shm_prefix), THREAD_STACK_BYTES),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT if output else None,
-                start_new_session=True,
             )
         finally:
             if output is not None:
@@ -245,6 +259,7 @@ class TritonServer:
         pending = [f"http://{self.urls.http}/v2/health/ready", f"http://{self.urls.metrics}/metrics"]
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
+            self.check_stop()
             status = self._process.poll()
             if status is not None:
                 raise ServerStartError(f"tritonserver exited with status {status}{self._log_hint()}")
@@ -271,10 +286,6 @@ class TritonServer:
     def _kill(self) -> None:
         """SIGKILL whatever is left of the server's process group and remove its /dev/shm regions."""
         if self._process is not None:
-            try:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._process.wait()
+            kill_group(self._process)
         for region in SHM_DIR.glob(f"{self._shm_prefix}*") if self._shm_prefix else ():
             region.unlink(missing_ok=True)

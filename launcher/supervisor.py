@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from launcher.server import TritonServer
+from launcher.stopping import POLL_INTERVAL_S, StopSignals
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ def log_to_stderr(line: str) -> None:
 
 
 class Supervisor:
-    """Waits on a started server and restarts it each time it exits with a failure status."""
+    """Waits on a started server and restarts it each time it exits with a failure status, until a
+    stop signal (which `run` raises as launcher.stopping.Stopped)."""
 
-    def __init__(self, server: TritonServer, policy: RestartPolicy = RestartPolicy(),
+    def __init__(self, server: TritonServer, stop_signals: StopSignals, policy: RestartPolicy = RestartPolicy(),
                  log: Callable[[str], None] = log_to_stderr) -> None:
         self.server = server
+        self.stop_signals = stop_signals
         self.policy = policy
         self.log = log
         self.restarts = 0
@@ -42,7 +45,7 @@ class Supervisor:
         delay = self.policy.first_delay_s
         while True:
             started = time.monotonic()
-            status = self.server.wait()
+            status = self._wait_for_exit()
             if status == 0:
                 self.log("disagg-serve: tritonserver exited with status 0")
                 return 0
@@ -51,7 +54,12 @@ class Supervisor:
             self.restarts += 1
             self.log(f"disagg-serve: tritonserver exited with status {status}; restarting in {delay:.0f} s "
                      f"(disagg_launcher_restarts_total {self.restarts})")
-            time.sleep(delay)
+            self.stop_signals.sleep(delay)
             self.server.restart()
             self.log(f"disagg-serve: tritonserver is ready again (disagg_launcher_restarts_total {self.restarts})")
             delay = min(2 * delay, self.policy.max_delay_s)
+
+    def _wait_for_exit(self) -> int:
+        while (status := self.server.wait(POLL_INTERVAL_S)) is None:
+            self.stop_signals.check()
+        return status

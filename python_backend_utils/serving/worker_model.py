@@ -39,6 +39,7 @@ from python_backend_utils.serving.detailed_metrics import detailed_metrics, publ
 from python_backend_utils.serving.metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
 from python_backend_utils.serving.placement import pin_instance
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
+from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.stub_recovery import exit_stub
 from python_backend_utils.serving.triton_io import (
     ResponseAssembler,
@@ -80,6 +81,7 @@ class LLMModel:
 
     def initialize(self, args) -> None:
         pin_instance(args)  # first: the engine's threads start on their own cores
+        exit_with_server()
         parameters = model_parameters(args["model_config"])
         self.instance_name = f"{args['model_name']}/{args['model_version']}"
         config = EngineConfig.from_parameters(parameters)

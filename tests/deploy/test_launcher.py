@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -12,15 +14,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from launcher.children import kill_group, spawn
 from launcher.cli import MODES, banner
 from launcher.openai_process import OpenAIFrontend, frontend_target
 from launcher.ports import free_ports, free_server_ports
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.server import ServerStartError, TritonServer, server_shell
+from python_backend_utils.environment import resolve_model_dir
+from tests.helpers import wait_until
 
 ECHO_CONFIG = """
 name: "{name}"
@@ -285,3 +291,184 @@ def test_bodies_that_crashed_triton_are_answered_and_a_crash_is_restarted(tmp_pa
             cli.wait()
     time.sleep(0.5)
     assert processes_mentioning(str(repository)) == []
+
+
+# --- Stopping the launcher: nothing is left behind, at any moment and by any signal (issue 26) ---
+
+LEFTOVER_BOUND_S = 30
+# Each stub ends itself once its server is gone, as our models' stubs do, and loads for a second.
+WATCHED_SLOW_LOAD = ("from python_backend_utils.serving.server_watch import exit_with_server; exit_with_server(); "
+                     "import time; time.sleep(1)")
+
+
+@dataclass(frozen=True)
+class StopCase:
+    moment: str  # "triton-start" (a stub is loading), "frontend-start" (Triton ready, no banner yet), "ready"
+    signals: tuple[signal.Signals, ...]  # sent one second apart
+    to_group: bool = True  # to the launcher's process group, as a terminal or a supervisor sends it
+
+
+STOP_CASES = {
+    "sigterm-during-triton-start": StopCase("triton-start", (signal.SIGTERM,)),
+    "sigterm-during-frontend-start": StopCase("frontend-start", (signal.SIGTERM,)),
+    "sigterm-after-ready": StopCase("ready", (signal.SIGTERM,)),
+    "ctrl-c": StopCase("ready", (signal.SIGINT,)),
+    "two-sigterms": StopCase("ready", (signal.SIGTERM, signal.SIGTERM)),
+    "sigkill-of-the-launcher": StopCase("ready", (signal.SIGKILL,), to_group=False),
+}
+
+
+class Deployment:
+    """`disagg-serve` with the OpenAI frontend, started as a terminal starts it: in a session of its
+    own. Its two models are echo models that watch their server as ours do and take WATCHED_SLOW_LOAD
+    to load, so it starts in seconds. Everything of it mentions `work` on its command line (the
+    repository the server and stubs load, the model directory the frontend names), its /dev/shm
+    regions carry the launcher's pid, and it listens on `ports`."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        for name in ("ensemble_aggregated", "aggregated"):  # the names that make the launcher start the frontend
+            write_model(work / "repo", name, initialize=WATCHED_SLOW_LOAD)
+        (work / "model").symlink_to(resolve_model_dir(None))  # the frontend's tokenizer
+        self.ports = free_ports(4)
+        http, grpc, metrics, openai = self.ports
+        self.lines: list[str] = []
+        self.launcher = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", f"--model-repository={work / 'repo'}",
+             "--load-model=ensemble_aggregated", "--load-model=aggregated", f"--model-dir={work / 'model'}",
+             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}", f"--openai-port={openai}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=lambda: self.lines.extend(self.launcher.stdout), daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        return any("Ctrl-C stops the server." in line for line in self.lines)
+
+    def processes(self) -> list[int]:
+        """Live processes of this deployment (zombies are gone for good, their parent just did not wait)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if (entry.name.isdigit() and str(self.work).encode() in (entry / "cmdline").read_bytes()
+                        and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return found
+
+    def regions(self) -> list[str]:
+        return sorted(path.name for path in Path("/dev/shm").glob(f"triton_disagg_{self.launcher.pid}_*"))
+
+    def busy_ports(self) -> list[int]:
+        busy = []
+        for port in self.ports:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("0.0.0.0", port))
+                except OSError:
+                    busy.append(port)
+        return busy
+
+    def leftovers(self) -> dict[str, list]:
+        commands = []
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                commands.append(f"{pid} {(Path('/proc') / str(pid) / 'cmdline').read_bytes()[:100]!r}")
+        return {name: found for name, found in
+                [("processes", commands), ("regions", self.regions()), ("ports", self.busy_ports())] if found}
+
+    def wait_for(self, moment: str) -> None:
+        """Until the launcher is at `moment` of its start."""
+        def there() -> bool:
+            assert self.launcher.poll() is None, "".join(self.lines[-30:])
+            if moment == "triton-start":
+                return bool(self.regions())  # a stub exists: Triton is loading the models
+            if moment == "frontend-start":
+                return any(b"openai_frontend" in cmdline for cmdline in self.command_lines())
+            return self.ready
+        wait_until(there, timeout_s=180, interval_s=0.02)
+
+    def command_lines(self) -> list[bytes]:
+        lines = []
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                lines.append((Path("/proc") / str(pid) / "cmdline").read_bytes())
+        return lines
+
+    def send(self, signum: signal.Signals, to_group: bool) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if to_group:
+                os.killpg(self.launcher.pid, signum)
+            else:
+                os.kill(self.launcher.pid, signum)
+
+    def remove(self) -> None:
+        """Kill what is left by pid and remove its regions, so that a failed case costs the next ones nothing."""
+        for pid in [self.launcher.pid, *self.processes()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.launcher.wait()
+        for name in self.regions():
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", STOP_CASES.values(), ids=STOP_CASES.keys())
+def test_stopping_the_launcher_leaves_nothing_behind(tmp_path, case):
+    deployment = Deployment(tmp_path)
+    try:
+        deployment.wait_for(case.moment)
+        stopped_at = time.monotonic()
+        for index, signum in enumerate(case.signals):
+            if index:
+                time.sleep(1)
+            deployment.send(signum, case.to_group)
+        if case.moment != "ready":
+            time.sleep(0.5)  # the banner would come now if the start went on
+            assert not deployment.ready, "the signal came too late to stop the start"
+        if case.to_group:
+            # The launcher exits last: a supervisor that starts it again at once must find the ports free.
+            assert deployment.launcher.wait(timeout=stopped_at + LEFTOVER_BOUND_S - time.monotonic()) == 128 + case.signals[0]
+            left = deployment.leftovers()
+        else:
+            left = deployment.leftovers()
+            while left and time.monotonic() - stopped_at < LEFTOVER_BOUND_S:
+                time.sleep(0.25)
+                left = deployment.leftovers()
+        assert left == {}, "the launcher's last lines:\n" + "".join(deployment.lines[-8:])
+    finally:
+        deployment.remove()
+
+
+def test_a_child_forked_for_a_thread_outlives_that_thread():
+    """PR_SET_PDEATHSIG fires when the forking *thread* ends: servers started from a thread pool
+    (the scale-out tests) must not die with its threads."""
+    started = []
+    thread = threading.Thread(target=lambda: started.append(spawn(["sleep", "60"])))
+    thread.start()
+    thread.join()
+    child = started[0]
+    try:
+        time.sleep(0.5)
+        assert child.poll() is None
+    finally:
+        kill_group(child)
+
+
+@pytest.mark.integration
+def test_stubs_end_when_their_server_is_killed(tmp_path):
+    """A killed tritonserver that its parent has not reaped yet still passes the stub's own parent
+    check (kill(pid, 0)): without the watch its stubs lived on, each holding its /dev/shm region."""
+    repository = write_model(tmp_path / "repo", "watched", initialize=WATCHED_SLOW_LOAD)
+    write_model(repository, "watched2", initialize=WATCHED_SLOW_LOAD)
+    server = TritonServer(repository, **free_server_ports(), log_file=tmp_path / "server.log")
+    server.start()
+    try:
+        stubs = processes_mentioning(str(repository / "watched"))
+        assert len(stubs) == 2 and our_shm_regions()
+        os.kill(server.pid, signal.SIGKILL)  # the server alone, and left unreaped
+        wait_until(lambda: not processes_mentioning(str(repository / "watched")) and not our_shm_regions(),
+                   timeout_s=10)
+    finally:
+        server.stop()

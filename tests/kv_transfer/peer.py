@@ -100,6 +100,11 @@ class _Host:
     def pull_wait(self, token, timeout):
         return self.pulls.pop(token).result(timeout)
 
+    def hold_reads(self, key):
+        """Queue a task that never ends on the agent's copier: every shared-memory read it starts
+        from now on stays under way, so a test strikes mid-read without racing the copy."""
+        self.agents[key]._receiver._reader._copier.submit(threading.Event().wait)
+
     def blocks(self, key, block_ids):
         return self.agents[key]._pool[list(block_ids)].clone()
 

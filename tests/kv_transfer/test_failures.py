@@ -91,10 +91,12 @@ def test_receiver_killed_mid_transfer_frees_the_sender(shared):
         with Peer() as peer:
             peer.call("create_agent", "gen", SLOW_RECEIVER["layout"].to_dict(), BIG_BLOCKS, None,
                       {"name": "gen", "use_shared_memory": shared, **SLOW_RECEIVER["config"]})
+            if shared:
+                peer.call("hold_reads", "gen")  # the receiver dies mid-read, whatever the timing
             handle = sender.publish("req", list(range(BIG_BLOCKS)), BIG_BLOCKS * 16,
                                     on_release=lambda rid, why: released.append((rid, why.value)))
             peer.call("pull_start", "gen", [handle.to_bytes()], list(range(BIG_BLOCKS)))
-            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 30, interval_s=0.001)  # a read is ~30 ms
+            wait_until(lambda: sender.metrics.snapshot()["serves_in_flight"] == 1, 30)
             if not shared:  # through UCX: wait until data flows
                 wait_until(lambda: sender.metrics.snapshot()["bytes_staged_sent"] > 0, 30)
             assert sender.metrics.snapshot()["pulls_served"] == 0

@@ -23,12 +23,14 @@ from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS
 from python_backend_utils.orchestration.routing import Target
 from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
 from python_backend_utils.serving.metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
+from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch
 from python_backend_utils.serving.triton_io import model_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_server()
         parameters = model_parameters(args["model_config"])
         default = Path(__file__).resolve().parent.parent / "disagg_config.yaml"
         path = os.environ.get(DEPLOYMENT_ENV) or parameters.get("deployment_file") or default

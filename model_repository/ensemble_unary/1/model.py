@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.errors import is_client_error_message, is_unavailable_message
+from python_backend_utils.serving.server_watch import exit_with_server
 
 ENSEMBLE = "ensemble"
 OUTPUTS = ["text_output", "cum_log_probs", "output_log_probs"]
@@ -35,6 +36,7 @@ def error_response(message, code=None):
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_server()
         parameters = json.loads(args["model_config"]).get("parameters", {})
         text = parameters.get("request_timeout_s", {}).get("string_value", "").strip()
         self.timeout_s = float(text) if text else DEFAULT_REQUEST_TIMEOUT_S

@@ -4,12 +4,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.serving.detokenize import decode_increment
+from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.tokenizer import load_tokenizer
 from python_backend_utils.serving.triton_io import model_parameters, request_inputs
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_server()
         self.tokenizer = load_tokenizer(model_parameters(args["model_config"]))
 
     def execute(self, requests):

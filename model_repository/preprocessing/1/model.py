@@ -16,6 +16,7 @@ from python_backend_utils.serving.input_limits import (
     check_size,
     check_words,
 )
+from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
 from python_backend_utils.serving.triton_io import (
     decode_text,
@@ -28,6 +29,7 @@ from python_backend_utils.serving.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_server()
         parameters = model_parameters(args["model_config"])
         self.tokenizer = load_tokenizer(parameters)
         self.end_id = self.tokenizer.eos_token_id
