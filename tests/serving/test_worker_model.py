@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from python_backend_utils.serving import worker_model
 from python_backend_utils.serving.worker_model import LLMModel
 from tests import pb_utils_stand_in as pb_utils
 from tests.engine.checkpoints import build_tiny_checkpoint, reference_greedy
@@ -33,8 +34,11 @@ def key_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(checkpoint, key_file):
-    """One model of each role, as three Triton instances of one deployment would be."""
-    loaded = {role: load(role, checkpoint, key_file) for role in ("aggregated", "context", "generation")}
+    """One model of each role, as three Triton instances of one deployment would be. Not stubs: they do not
+    tie this test process's life to its parent's as a stub ties its to its tritonserver's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker_model, "exit_with_server", lambda: None)
+        loaded = {role: load(role, checkpoint, key_file) for role in ("aggregated", "context", "generation")}
     yield loaded
     for model in loaded.values():
         model.finalize()
