@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
-from openai_frontend.generation import Answer, context_window, generation_params
+from openai_frontend.generation import Answer, Piece, context_window, generation_params
 from openai_frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -37,10 +38,12 @@ from openai_frontend.schemas import (
     ModelList,
     SamplingRequest,
     TokenLogprob,
+    TopLogprob,
+    Usage,
     now,
     response_id,
 )
-from openai_frontend.triton_client import GenerationError, TritonGenerator
+from openai_frontend.triton_client import GenerationError, GenerationParams, TritonGenerator
 from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -118,12 +121,21 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
                 raise ApiError(503, "the model is not ready yet: retry shortly")
 
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool) -> Answer:
+                    log_probs: bool, top_logprobs: int) -> list[Answer]:
+        """The request's n answers, each started. The first one's prefill fills the prefix cache
+        before the others are sent, so theirs reuse its KV blocks: the prompt is computed once."""
         await wait_ready()
-        params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs)
-        answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings())
-        await answer.start()
-        return answer
+        params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs,
+                                   top_logprobs)
+        answers = [Answer(generator, model.tokenizer, prompt_ids, choice_params(params, index),
+                          request.stop_strings()) for index in range(request.n)]
+        try:
+            await answers[0].start()
+            await all_of([answer.start() for answer in answers[1:]])
+        except BaseException:
+            await all_of([answer.close() for answer in answers])
+            raise
+        return answers
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -139,7 +151,8 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None,
+                       request.logprobs or 0)
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
                                            include_usage(request)))
@@ -158,7 +171,8 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             raise ApiError(400, str(error), "messages") from None
         # As transformers tokenizes a rendered chat: the template places any special tokens itself.
         prompt_ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs,
+                       (request.top_logprobs or 0) if request.logprobs else 0)
         if request.stream:
             return EventSourceResponse(sse(ChatReply(await answer, request, model).chunks(), include_usage(request)))
         return await unless_disconnected(http, whole(lambda done: ChatReply(done, request, model), answer))
@@ -166,8 +180,8 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     return app
 
 
-async def whole(reply: Callable[[Answer], CompletionReply | ChatReply],
-                answer: Coroutine[None, None, Answer]) -> Completion | ChatCompletion:
+async def whole(reply: Callable[[list[Answer]], CompletionReply | ChatReply],
+                answer: Coroutine[None, None, list[Answer]]) -> Completion | ChatCompletion:
     """The non-streaming reply, from the request's start: a client may leave while it waits for its prefill."""
     return await reply(await answer).whole()
 
@@ -212,52 +226,119 @@ async def sse(chunks: AsyncIterator, usage: bool) -> AsyncIterator[bytes]:
     yield format_sse_event(data_str="[DONE]")
 
 
+def choice_params(params: GenerationParams, index: int) -> GenerationParams:
+    """Choice `index`'s settings: a seeded request's choices draw with seeds of their own."""
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+
+
+async def all_of(coroutines: list[Coroutine[None, None, T]]) -> list[T]:
+    """Their results; when one fails (or this is cancelled), the others are cancelled too."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of several streams as they come; closing this closes them all."""
+    pending = {asyncio.ensure_future(anext(stream)): stream for stream in streams}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                stream = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(stream))] = stream
+                yield item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+async def collected(answer: Answer) -> list[Piece]:
+    return [piece async for piece in answer.pieces()]
+
+
+def total_usage(answers: list[Answer]) -> Usage:
+    """The prompt counted once (its KV is shared), every choice's completion tokens."""
+    prompt = answers[0].usage.prompt_tokens
+    completion = sum(answer.usage.completion_tokens for answer in answers)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 class CompletionReply:
-    def __init__(self, answer: Answer, request: CompletionRequest, model: ServedModel) -> None:
-        self.answer, self.request, self.model = answer, request, model
+    def __init__(self, answers: list[Answer], request: CompletionRequest, model: ServedModel) -> None:
+        self.answers, self.request, self.model = answers, request, model
         self.id, self.created = response_id("cmpl"), now()
 
-    def _logprobs(self, pieces) -> CompletionLogprobs | None:
+    def _logprobs(self, answer: Answer, pieces: list[Piece]) -> CompletionLogprobs | None:
+        """OpenAI's completions shape: per token its text, log-probability, offset and a dict of the
+        `logprobs` likeliest tokens (plus the chosen one)."""
         if self.request.logprobs is None:
             return None
-        tokens = [self.answer.text.token_text(t) for piece in pieces for t in piece.token_ids]
+        text = answer.text.token_text
+        tokens, token_logprobs, top_logprobs = [], [], []
+        for piece in pieces:
+            tops = piece.top_log_probs or [[]] * len(piece.token_ids)
+            for token_id, log_prob, top in zip(piece.token_ids, piece.log_probs, tops):
+                tokens.append(text(token_id))
+                token_logprobs.append(log_prob)
+                top_logprobs.append({**{text(t): lp for t, lp in top}, tokens[-1]: log_prob})
         offsets, at = [], 0
         for token in tokens:
             offsets.append(at)
             at += len(token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for p in pieces for lp in p.log_probs],
+        return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
                                   text_offset=offsets)
 
     def _completion(self, choices: list[CompletionChoice], usage=None) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model.card.id, choices=choices, usage=usage)
 
     async def whole(self) -> Completion:
-        pieces = [piece async for piece in self.answer.pieces()]
-        choice = CompletionChoice(text=self.answer.text.text, logprobs=self._logprobs(pieces),
-                                  finish_reason=self.answer.finish_reason)
-        return self._completion([choice], self.answer.usage)
+        pieces = await all_of([collected(answer) for answer in self.answers])
+        choices = [CompletionChoice(index=index, text=answer.text.text, logprobs=self._logprobs(answer, own),
+                                    finish_reason=answer.finish_reason)
+                   for index, (answer, own) in enumerate(zip(self.answers, pieces))]
+        return self._completion(choices, total_usage(self.answers))
 
     async def chunks(self) -> AsyncIterator[Completion]:
-        async for piece in self.answer.pieces():
+        async for chunk in merged([self._choice_chunks(index, answer) for index, answer in enumerate(self.answers)]):
+            yield chunk
+        yield self._completion([], total_usage(self.answers))
+
+    async def _choice_chunks(self, index: int, answer: Answer) -> AsyncIterator[Completion]:
+        async for piece in answer.pieces():
             if piece.text or piece.token_ids:
-                yield self._completion([CompletionChoice(text=piece.text, logprobs=self._logprobs([piece]))])
-        yield self._completion([CompletionChoice(text="", finish_reason=self.answer.finish_reason)])
-        yield self._completion([], self.answer.usage)
+                yield self._completion([CompletionChoice(index=index, text=piece.text,
+                                                         logprobs=self._logprobs(answer, [piece]))])
+        yield self._completion([CompletionChoice(index=index, text="", finish_reason=answer.finish_reason)])
 
 
 class ChatReply:
-    def __init__(self, answer: Answer, request: ChatCompletionRequest, model: ServedModel) -> None:
-        self.answer, self.request, self.model = answer, request, model
+    def __init__(self, answers: list[Answer], request: ChatCompletionRequest, model: ServedModel) -> None:
+        self.answers, self.request, self.model = answers, request, model
         self.id, self.created = response_id("chatcmpl"), now()
 
-    def _logprobs(self, pieces) -> ChoiceLogprobs | None:
+    def _logprobs(self, answer: Answer, pieces: list[Piece]) -> ChoiceLogprobs | None:
         if not self.request.logprobs:
             return None
         entries = []
         for piece in pieces:
-            for token_id, log_prob in zip(piece.token_ids, piece.log_probs):
-                token = self.answer.text.token_text(token_id)
-                entries.append(TokenLogprob(token=token, logprob=log_prob, bytes=list(token.encode())))
+            tops = piece.top_log_probs or [[]] * len(piece.token_ids)
+            for token_id, log_prob, top in zip(piece.token_ids, piece.log_probs, tops):
+                token = answer.text.token_text(token_id)
+                alternatives = [TopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+                                for text, lp in ((answer.text.token_text(t), lp) for t, lp in top)]
+                entries.append(TokenLogprob(token=token, logprob=log_prob, bytes=list(token.encode()),
+                                            top_logprobs=alternatives))
         return ChoiceLogprobs(content=entries)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
@@ -265,16 +346,22 @@ class ChatReply:
                                    usage=usage)
 
     async def whole(self) -> ChatCompletion:
-        pieces = [piece async for piece in self.answer.pieces()]
-        choice = ChatChoice(message=AssistantMessage(content=self.answer.text.text), logprobs=self._logprobs(pieces),
-                            finish_reason=self.answer.finish_reason)
-        return ChatCompletion(id=self.id, created=self.created, model=self.model.card.id, choices=[choice],
-                              usage=self.answer.usage)
+        pieces = await all_of([collected(answer) for answer in self.answers])
+        choices = [ChatChoice(index=index, message=AssistantMessage(content=answer.text.text),
+                              logprobs=self._logprobs(answer, own), finish_reason=answer.finish_reason)
+                   for index, (answer, own) in enumerate(zip(self.answers, pieces))]
+        return ChatCompletion(id=self.id, created=self.created, model=self.model.card.id, choices=choices,
+                              usage=total_usage(self.answers))
 
     async def chunks(self) -> AsyncIterator[ChatCompletionChunk]:
-        yield self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
-        async for piece in self.answer.pieces():
+        async for chunk in merged([self._choice_chunks(index, answer) for index, answer in enumerate(self.answers)]):
+            yield chunk
+        yield self._chunk([], total_usage(self.answers))
+
+    async def _choice_chunks(self, index: int, answer: Answer) -> AsyncIterator[ChatCompletionChunk]:
+        yield self._chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+        async for piece in answer.pieces():
             if piece.text or piece.token_ids:
-                yield self._chunk([ChatChunkChoice(delta=Delta(content=piece.text), logprobs=self._logprobs([piece]))])
-        yield self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=self.answer.finish_reason)])
-        yield self._chunk([], self.answer.usage)
+                yield self._chunk([ChatChunkChoice(index=index, delta=Delta(content=piece.text),
+                                                   logprobs=self._logprobs(answer, [piece]))])
+        yield self._chunk([ChatChunkChoice(index=index, delta=Delta(), finish_reason=answer.finish_reason)])

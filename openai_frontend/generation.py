@@ -26,7 +26,7 @@ def context_window(model_dir: Path) -> int:
 
 
 def generation_params(request: SamplingRequest, output_limit: int | None, prompt_len: int, window: int,
-                      log_probs: bool) -> GenerationParams:
+                      log_probs: bool, top_logprobs: int = 0) -> GenerationParams:
     max_tokens = output_limit if output_limit is not None else max(1, window - prompt_len)
     return GenerationParams(
         max_tokens=max_tokens,
@@ -37,6 +37,12 @@ def generation_params(request: SamplingRequest, output_limit: int | None, prompt
         # ignore_eos: the end id is held back for the whole answer, so it runs to max_tokens
         min_tokens=max_tokens if request.ignore_eos else request.min_tokens,
         return_log_probs=log_probs,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        min_p=request.min_p,
+        logit_bias=tuple(sorted((request.logit_bias or {}).items())),
+        top_logprobs=top_logprobs,
     )
 
 
@@ -47,6 +53,7 @@ class Piece:
     text: str
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
 
 
 class Answer:
@@ -74,12 +81,16 @@ class Answer:
         try:
             chunk = self._first
             while chunk is not None and not self.text.stopped:
-                yield Piece(self.text.add(chunk.token_ids), chunk.token_ids, chunk.log_probs)
+                yield Piece(self.text.add(chunk.token_ids), chunk.token_ids, chunk.log_probs, chunk.top_log_probs)
                 chunk = await anext(self._chunks, None) if not self.text.stopped else None
         finally:
             await self._chunks.aclose()  # after a stop string: cancels the rest of the generation
         if tail := self.text.finish():
             yield Piece(tail)
+
+    async def close(self) -> None:
+        """Stop the generation (a request that will not be read)."""
+        await self._chunks.aclose()
 
     @property
     def finish_reason(self) -> str:

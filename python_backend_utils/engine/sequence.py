@@ -7,8 +7,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
 from python_backend_utils.engine.sampling_params import SamplingParams
 
 # Generation-only: called with the block table once blocks are allocated; the future it returns
@@ -52,8 +50,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     block_hash_chain: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int = 0  # sampled requests: their draws are seeded_uniforms(seed, output position)
     output_log_probs: list[float] = field(default_factory=list)
+    output_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
     start_pull: StartPull | None = None
     kv_pull: Future | None = None  # what start_pull returned, polled between steps
     finish_reason: str | None = None

@@ -37,12 +37,13 @@ from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers
 from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
 from python_backend_utils.orchestration.stats import OrchestratorStats
 from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
+from python_backend_utils.serving import triton_io
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
 from python_backend_utils.serving.triton_io import ResponseAssembler, generation_request, request_inputs
 
 logger = logging.getLogger(__name__)
 
-WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
+WORKER_OUTPUTS = ["output_ids", "output_log_probs", "top_log_prob_ids", "top_log_probs"]
 CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 # Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
 # request in flight waits for its next response on a thread of its own, off the event loop
@@ -60,6 +61,7 @@ GROUPS = ("context", "generation")
 class ContextResult:
     first_tokens: list[int]
     log_probs: list[float]
+    top_log_probs: list[list[tuple[int, float]]]
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
     target: Target
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
@@ -200,9 +202,10 @@ class Orchestrator:
 
         started = time.monotonic()
 
-        def deliver(token_ids: list[int], log_probs: list[float], finished: bool) -> None:
+        def deliver(token_ids: list[int], log_probs: list[float], finished: bool,
+                    top_log_probs: list[list[tuple[int, float]]] | None = None) -> None:
             self.stats.output_tokens += len(token_ids)
-            response = assembler.add(token_ids, log_probs, finished)
+            response = assembler.add(token_ids, log_probs, finished, top_log_probs)
             if response is not None:
                 send_tensors(sender, response.tensors, response.final)
 
@@ -218,7 +221,7 @@ class Orchestrator:
             self.stats.disaggregated += 1
             self.stats.context_phase_seconds += generation_started - started
             finished = context.params is None
-            deliver(context.first_tokens, context.log_probs, finished)
+            deliver(context.first_tokens, context.log_probs, finished, context.top_log_probs)
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
@@ -274,13 +277,14 @@ class Orchestrator:
                 continue
             finally:
                 self.context_router.finished(target, len(prompt))
-            tokens, log_probs, params = [], [], None
+            tokens, log_probs, top_log_probs, params = [], [], [], None
             for outputs in responses:
                 tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
                 log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
+                top_log_probs += triton_io.top_log_probs_of(outputs)
                 if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
                     params = outputs["context_phase_params"].reshape(-1)
-            return ContextResult(tokens, log_probs, params, target, worker_id)
+            return ContextResult(tokens, log_probs, top_log_probs, params, target, worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
@@ -311,7 +315,8 @@ class Orchestrator:
                         return
                     received = True
                     deliver(outputs["output_ids"].reshape(-1).tolist(),
-                            outputs["output_log_probs"].reshape(-1).tolist(), False)
+                            outputs["output_log_probs"].reshape(-1).tolist(), False,
+                            triton_io.top_log_probs_of(outputs))
             except ClientCancelled:
                 self.stats.cancelled += 1
                 await self._stop(target, worker_id)

@@ -92,6 +92,15 @@ def decode_word_list(encoded: np.ndarray | None, name: str) -> tuple[tuple[int, 
     return tuple(words)
 
 
+def decode_logit_bias(ids: np.ndarray | None, values: np.ndarray | None) -> tuple[tuple[int, float], ...]:
+    """logit_bias_ids and logit_bias_values, one bias per id, as (id, bias) pairs."""
+    if ids is None and values is None:
+        return ()
+    if ids is None or values is None or ids.size != values.size:
+        raise InvalidRequestError("logit_bias_ids and logit_bias_values go together, one bias per id")
+    return tuple(zip(ids.reshape(-1).tolist(), values.reshape(-1).tolist()))
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One request to the middle step (`aggregated`, later `disaggregated_serving_bls`)."""
@@ -126,6 +135,12 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         bad_words=decode_word_list(inputs.get("bad_words_list"), "bad_words_list"),
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
         min_tokens=scalar(inputs, "min_length", 0),
+        presence_penalty=scalar(inputs, "presence_penalty", SamplingParams.presence_penalty),
+        frequency_penalty=scalar(inputs, "frequency_penalty", SamplingParams.frequency_penalty),
+        repetition_penalty=scalar(inputs, "repetition_penalty", SamplingParams.repetition_penalty),
+        min_p=scalar(inputs, "min_p", SamplingParams.min_p),
+        logit_bias=decode_logit_bias(inputs.get("logit_bias_ids"), inputs.get("logit_bias_values")),
+        top_logprobs=scalar(inputs, "top_logprobs", SamplingParams.top_logprobs),
     )
     return GenerationRequest(
         prompt_ids=input_ids[:length].tolist(),
@@ -157,14 +172,19 @@ class ResponseAssembler:
         self._streaming = request.streaming
         self._include_prompt = not request.streaming and not request.exclude_input_in_output
         self._prompt = list(request.prompt_ids)
+        self._top_logprobs = request.params.top_logprobs
         self._generated: list[int] = []
         self._log_probs: list[float] = []
+        self._top: list[list[tuple[int, float]]] = []
         self._emitted = 0  # generated tokens already sent
 
-    def add(self, token_ids: list[int], log_probs: list[float], finished: bool) -> MiddleResponse | None:
-        """The response to send for these new tokens, if any (log_probs empty when not asked for)."""
+    def add(self, token_ids: list[int], log_probs: list[float], finished: bool,
+            top_log_probs: list[list[tuple[int, float]]] | None = None) -> MiddleResponse | None:
+        """The response to send for these new tokens, if any (log_probs and top_log_probs empty
+        when not asked for)."""
         self._generated += token_ids
         self._log_probs += log_probs or [0.0] * len(token_ids)
+        self._top += top_log_probs or [[]] * len(token_ids)
         if self._streaming and token_ids:
             return MiddleResponse(self._tensors(), finished)
         if finished:
@@ -175,6 +195,7 @@ class ResponseAssembler:
         history = self._prompt + self._generated[: self._emitted]
         new_ids = self._generated[self._emitted :]
         new_log_probs = self._log_probs[self._emitted :]
+        new_top = self._top[self._emitted :]
         self._emitted = len(self._generated)
         if self._include_prompt:
             output_ids, preceding = history + new_ids, []
@@ -186,4 +207,23 @@ class ResponseAssembler:
             "sequence_length": np.asarray([len(output_ids)], dtype=np.int32),
             "cum_log_probs": np.asarray([sum(self._log_probs)], dtype=np.float32),
             "output_log_probs": np.asarray(new_log_probs, dtype=np.float32),
+            **top_log_prob_tensors(new_top, self._top_logprobs),
         }
+
+
+def top_log_prob_tensors(top: list[list[tuple[int, float]]], width: int) -> dict[str, np.ndarray]:
+    """`top_log_prob_ids` and `top_log_probs`, [tokens, width]: each token's likeliest alternatives."""
+    ids = np.zeros((len(top), width), dtype=np.int32)
+    values = np.full((len(top), width), -np.inf, dtype=np.float32)
+    for row, entries in enumerate(top):
+        for column, (token, log_prob) in enumerate(entries[:width]):
+            ids[row, column], values[row, column] = token, log_prob
+    return {"top_log_prob_ids": ids, "top_log_probs": values}
+
+
+def top_log_probs_of(outputs: dict[str, np.ndarray]) -> list[list[tuple[int, float]]]:
+    """The inverse of top_log_prob_tensors; [] when the response has none."""
+    ids, values = outputs.get("top_log_prob_ids"), outputs.get("top_log_probs")
+    if ids is None or values is None or ids.ndim != 2:
+        return []
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
