@@ -128,7 +128,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs,
                                    top_logprobs)
         answers = [Answer(generator, model.tokenizer, prompt_ids, choice_params(params, index),
-                          request.stop_strings()) for index in range(request.n)]
+                          request.stop_strings(), request.skip_special_tokens) for index in range(request.n)]
         try:
             await answers[0].start()
             await all_of([answer.start() for answer in answers[1:]])

@@ -61,10 +61,10 @@ class Answer:
     engine refuses fails before any response is sent; `pieces()` yields the rest."""
 
     def __init__(self, generator: TritonGenerator, tokenizer: TextTokenizer, prompt_ids: list[int],
-                 params: GenerationParams, stops: list[str]) -> None:
+                 params: GenerationParams, stops: list[str], skip_special_tokens: bool = True) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
-        self.text = AnswerText(tokenizer, prompt_ids, stops)
+        self.text = AnswerText(tokenizer, prompt_ids, stops, skip_special_tokens)
         self._chunks = generator.generate(prompt_ids, params)
         self._first: TokenChunk | None = None
 

@@ -46,6 +46,7 @@ class SamplingRequest(RequestBody):
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extension
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's extension
+    skip_special_tokens: bool = True  # vLLM's extension: False keeps special tokens' text in the answer
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
