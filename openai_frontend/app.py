@@ -51,6 +51,7 @@ OWNER = "triton-disagg"
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the access log shows it
 T = TypeVar("T")
+LogprobEntry = tuple[str, float | None, dict[str, float] | None]  # completions: token, log-probability, top
 
 
 class ApiError(Exception):
@@ -121,12 +122,12 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
                 raise ApiError(503, "the model is not ready yet: retry shortly")
 
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool, top_logprobs: int) -> list[Answer]:
+                    log_probs: bool, top_logprobs: int, prompt_log_probs: bool = False) -> list[Answer]:
         """The request's n answers, each started. The first one's prefill fills the prefix cache
         before the others are sent, so theirs reuse its KV blocks: the prompt is computed once."""
         await wait_ready()
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs,
-                                   top_logprobs)
+                                   top_logprobs, prompt_log_probs)
         answers = [Answer(generator, model.tokenizer, prompt_ids, choice_params(params, index),
                           request.stop_strings(), request.skip_special_tokens) for index in range(request.n)]
         try:
@@ -152,7 +153,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
         answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None,
-                       request.logprobs or 0)
+                       request.logprobs or 0, prompt_log_probs=request.echo and request.logprobs is not None)
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
                                            include_usage(request)))
@@ -279,34 +280,53 @@ class CompletionReply:
         self.answers, self.request, self.model = answers, request, model
         self.id, self.created = response_id("cmpl"), now()
 
-    def _logprobs(self, answer: Answer, pieces: list[Piece]) -> CompletionLogprobs | None:
+    def _logprobs(self, entries: list[LogprobEntry]) -> CompletionLogprobs | None:
         """OpenAI's completions shape: per token its text, log-probability, offset and a dict of the
-        `logprobs` likeliest tokens (plus the chosen one)."""
+        `logprobs` likeliest tokens (plus the chosen one); null for an echoed prompt's first token."""
         if self.request.logprobs is None:
             return None
-        text = answer.text.token_text
-        tokens, token_logprobs, top_logprobs = [], [], []
-        for piece in pieces:
-            tops = piece.top_log_probs or [[]] * len(piece.token_ids)
-            for token_id, log_prob, top in zip(piece.token_ids, piece.log_probs, tops):
-                tokens.append(text(token_id))
-                token_logprobs.append(log_prob)
-                top_logprobs.append({**{text(t): lp for t, lp in top}, tokens[-1]: log_prob})
         offsets, at = [], 0
-        for token in tokens:
+        for token, _, _ in entries:
             offsets.append(at)
             at += len(token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
-                                  text_offset=offsets)
+        return CompletionLogprobs(tokens=[token for token, _, _ in entries],
+                                  token_logprobs=[log_prob for _, log_prob, _ in entries],
+                                  top_logprobs=[top for _, _, top in entries], text_offset=offsets)
+
+    @staticmethod
+    def _entry(answer: Answer, token_id: int, log_prob: float, top: list[tuple[int, float]]) -> LogprobEntry:
+        text = answer.text.token_text
+        token = text(token_id)
+        return token, log_prob, {**{text(t): lp for t, lp in top}, token: log_prob}
+
+    def _entries(self, answer: Answer, pieces: list[Piece]) -> list[LogprobEntry]:
+        return [self._entry(answer, token_id, log_prob, top) for piece in pieces
+                for token_id, log_prob, top in zip(piece.token_ids, piece.log_probs,
+                                                   piece.top_log_probs or [[]] * len(piece.token_ids))]
+
+    def _echo(self, answer: Answer) -> tuple[str, list[LogprobEntry]]:
+        """echo: the prompt's text, and its tokens' log-probability entries when logprobs are asked for."""
+        if not self.request.echo:
+            return "", []
+        prompt = self.request.text_prompt()
+        text = prompt if prompt is not None else self.model.tokenizer.decode(answer.prompt_ids)
+        first = answer.prompt_ids[0]
+        entries = [(answer.text.token_text(first), None, None)] + [
+            self._entry(answer, token_id, log_prob, top)
+            for token_id, (log_prob, top) in zip(answer.prompt_ids[1:], answer.prompt_log_probs)]
+        return text, entries
 
     def _completion(self, choices: list[CompletionChoice], usage=None) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model.card.id, choices=choices, usage=usage)
 
     async def whole(self) -> Completion:
         pieces = await all_of([collected(answer) for answer in self.answers])
-        choices = [CompletionChoice(index=index, text=answer.text.text, logprobs=self._logprobs(answer, own),
-                                    finish_reason=answer.finish_reason)
-                   for index, (answer, own) in enumerate(zip(self.answers, pieces))]
+        choices = []
+        for index, (answer, own) in enumerate(zip(self.answers, pieces)):
+            echo, echo_entries = self._echo(answer)
+            choices.append(CompletionChoice(index=index, text=echo + answer.text.text,
+                                            logprobs=self._logprobs(echo_entries + self._entries(answer, own)),
+                                            finish_reason=answer.finish_reason))
         return self._completion(choices, total_usage(self.answers))
 
     async def chunks(self) -> AsyncIterator[Completion]:
@@ -315,10 +335,13 @@ class CompletionReply:
         yield self._completion([], total_usage(self.answers))
 
     async def _choice_chunks(self, index: int, answer: Answer) -> AsyncIterator[Completion]:
+        if self.request.echo:
+            echo, echo_entries = self._echo(answer)
+            yield self._completion([CompletionChoice(index=index, text=echo, logprobs=self._logprobs(echo_entries))])
         async for piece in answer.pieces():
             if piece.text or piece.token_ids:
                 yield self._completion([CompletionChoice(index=index, text=piece.text,
-                                                         logprobs=self._logprobs(answer, [piece]))])
+                                                         logprobs=self._logprobs(self._entries(answer, [piece])))])
         yield self._completion([CompletionChoice(index=index, text="", finish_reason=answer.finish_reason)])
 
 

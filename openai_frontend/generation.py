@@ -26,7 +26,7 @@ def context_window(model_dir: Path) -> int:
 
 
 def generation_params(request: SamplingRequest, output_limit: int | None, prompt_len: int, window: int,
-                      log_probs: bool, top_logprobs: int = 0) -> GenerationParams:
+                      log_probs: bool, top_logprobs: int = 0, prompt_log_probs: bool = False) -> GenerationParams:
     max_tokens = output_limit if output_limit is not None else max(1, window - prompt_len)
     return GenerationParams(
         max_tokens=max_tokens,
@@ -43,6 +43,7 @@ def generation_params(request: SamplingRequest, output_limit: int | None, prompt
         min_p=request.min_p,
         logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         top_logprobs=top_logprobs,
+        prompt_log_probs=prompt_log_probs,
     )
 
 
@@ -87,6 +88,11 @@ class Answer:
             await self._chunks.aclose()  # after a stop string: cancels the rest of the generation
         if tail := self.text.finish():
             yield Piece(tail)
+
+    @property
+    def prompt_log_probs(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        """The prompt's tokens' from the second on, when asked for."""
+        return self._first.prompt_log_probs if self._first is not None else []
 
     async def close(self) -> None:
         """Stop the generation (a request that will not be read)."""

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI API, as far as this server implements it.
 
 Requests forbid unknown fields: a parameter this server does not know is a 400 naming it, never
-silently dropped. Parameters it knows but the engine cannot honour (tools, echo, ...)
+silently dropped. Parameters it knows but the engine cannot honour (tools, suffix, ...)
 are accepted by the schema and refused by `unsupported()` with a message that says why.
 """
 
@@ -126,7 +126,6 @@ class CompletionRequest(SamplingRequest):
         checks = [
             ("prompt", isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], str)
              and len(self.prompt) != 1, "one prompt per request: batches of prompts are not supported"),
-            ("echo", self.echo, "echoing the prompt is not supported"),
             ("best_of", self.best_of not in (None, 1), "only best_of=1 is supported"),
             ("suffix", bool(self.suffix), "suffixes (insertion) are not supported"),
         ]
@@ -163,8 +162,8 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 

@@ -43,6 +43,7 @@ class GenerationParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0
+    prompt_log_probs: bool = False
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The middle step's inputs (TensorRT-LLM's tensorrt_llm names) for these settings."""
@@ -73,6 +74,8 @@ class GenerationParams:
             arrays["logit_bias_values"] = np.array([bias for _, bias in self.logit_bias], np.float32)
         if self.top_logprobs:
             arrays["top_logprobs"] = np.array([self.top_logprobs], np.int32)
+        if self.prompt_log_probs:
+            arrays["return_prompt_log_probs"] = np.array([True])
         return arrays
 
 
@@ -81,6 +84,8 @@ class TokenChunk:
     token_ids: list[int]
     log_probs: list[float]  # empty unless asked for
     top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, if asked
+    # the first chunk, if asked: (log-probability, top alternatives) of each prompt token from the second on
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class GenerationError(Exception):
@@ -100,12 +105,20 @@ def _classify(error: grpc.aio.AioRpcError) -> GenerationError:
     return GenerationError(f"generation failed: {error.code().name}: {details}", 500)
 
 
-def _top_log_probs(result) -> list[list[tuple[int, float]]]:
-    """Each token's likeliest (id, log-probability) pairs, from top_log_prob_ids and top_log_probs."""
-    ids, values = result.as_numpy("top_log_prob_ids"), result.as_numpy("top_log_probs")
+def _top_log_probs(result, prefix: str) -> list[list[tuple[int, float]]]:
+    """Each token's likeliest (id, log-probability) pairs, from top_log_prob_ids and top_log_probs
+    (prompt_top_log_prob_ids and prompt_top_log_probs: prefix "prompt_")."""
+    ids, values = result.as_numpy(f"{prefix}top_log_prob_ids"), result.as_numpy(f"{prefix}top_log_probs")
     if ids is None or values is None:
         return []
     return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+def _prompt_log_probs(result) -> list[tuple[float, list[tuple[int, float]]]]:
+    values = result.as_numpy("prompt_log_probs")
+    if values is None:
+        return []
+    return list(zip(values.tolist(), _top_log_probs(result, "prompt_") or [[]] * values.size))
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
@@ -160,8 +173,9 @@ class TritonGenerator:
                 token_ids = result.as_numpy("output_ids")
                 if token_ids is not None and token_ids.size:
                     log_probs = result.as_numpy("output_log_probs") if params.return_log_probs else None
-                    top = _top_log_probs(result) if params.top_logprobs else []
-                    yield TokenChunk(token_ids.tolist(), [] if log_probs is None else log_probs.tolist(), top)
+                    top = _top_log_probs(result, "") if params.top_logprobs else []
+                    prompt = _prompt_log_probs(result) if params.prompt_log_probs else []
+                    yield TokenChunk(token_ids.tolist(), [] if log_probs is None else log_probs.tolist(), top, prompt)
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     answered = True
                     return

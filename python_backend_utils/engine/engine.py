@@ -150,6 +150,8 @@ class LLMEngine:
                 start=item.seq.num_computed,
                 block_table=item.seq.block_table,
                 sample=item.completes,
+                all_logits=(item.seq.params.prompt_log_probs and item.seq.role is not Role.GENERATION_ONLY
+                            and item.seq.num_computed < item.seq.num_prompt_tokens - 1),
             )
             for item in scheduled
         ]
@@ -168,7 +170,33 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(
                     item.seq.block_table, item.seq.token_ids, item.seq.num_computed, item.seq.block_hash_chain
                 )
+        if any(chunk.all_logits for chunk in chunks):
+            logits = self._take_prompt_log_probs(scheduled, chunks, logits)
         return self._sample_and_finish(sampling, logits) if sampling else []
+
+    def _take_prompt_log_probs(self, scheduled: list[ScheduledChunk], chunks: list[Chunk],
+                               logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt log-probabilities of the all_logits chunks; return the sampling rows' logits."""
+        sampling_rows, at = [], 0
+        for item, chunk in zip(scheduled, chunks):
+            rows = len(chunk.token_ids) if chunk.all_logits else int(chunk.sample)
+            if chunk.all_logits:
+                self._record_prompt_log_probs(item.seq, chunk.start, logits[at : at + rows])
+            if chunk.sample:
+                sampling_rows.append(at + rows - 1)
+            at += rows
+        return logits[sampling_rows]
+
+    @staticmethod
+    def _record_prompt_log_probs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Row j's logits predict prompt token start + j + 1 (a recomputed prompt overwrites its entries)."""
+        count = min(len(logits), seq.num_prompt_tokens - 1 - start)
+        log_probs = torch.log_softmax(logits[:count].float(), dim=-1)
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count], device=log_probs.device)
+        chosen = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top = log_probs.topk(seq.params.top_logprobs, dim=-1)
+        alternatives = [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+        seq.prompt_log_probs[start : start + count] = list(zip(chosen, alternatives))
 
     def _sample_and_finish(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         """One token for each sequence; a request whose own settings or processing fail ends alone."""
@@ -229,6 +257,7 @@ class LLMEngine:
         new_top = seq.output_top_log_probs[seq.num_emitted :] if seq.params.top_logprobs else []
         if reason == "stop" and new and not seq.params.ignore_eos and new[-1] == seq.params.end_id:
             new, new_log_probs, new_top = new[:-1], new_log_probs[:-1], new_top[:-1]
+        prompt_log_probs = seq.prompt_log_probs if seq.num_emitted == 0 else []
         seq.num_emitted = seq.num_output_tokens
         return RequestOutput(
             seq.request_id,
@@ -239,6 +268,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             top_log_probs=new_top,
+            prompt_log_probs=prompt_log_probs,
         )
 
     def _finish(self, seq: Sequence, reason: str | None) -> RequestOutput:

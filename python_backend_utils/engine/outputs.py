@@ -18,3 +18,6 @@ class RequestOutput:
     error: Exception | None = None  # finish_reason "error": why this request (and only it) failed
     # with each token, when asked: its top_logprobs likeliest (token id, log-probability), likeliest first
     top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # the first output of a request that asked for them: (log-probability, top alternatives) of each prompt
+    # token from the second on
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)

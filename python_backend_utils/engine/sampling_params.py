@@ -42,6 +42,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one
     top_logprobs: int = 0  # this many most likely tokens (and their log-probabilities) with each token
+    prompt_log_probs: bool = False  # also the prompt's tokens' (from the second on), top_logprobs alternatives too
 
     @property
     def penalized(self) -> bool:

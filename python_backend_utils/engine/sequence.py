@@ -53,6 +53,8 @@ class Sequence:
     seed: int = 0  # sampled requests: their draws are seeded_uniforms(seed, output position)
     output_log_probs: list[float] = field(default_factory=list)
     output_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # params.prompt_log_probs: entry i for prompt token i + 1, as (log-probability, top alternatives)
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     start_pull: StartPull | None = None
     kv_pull: Future | None = None  # what start_pull returned, polled between steps
     finish_reason: str | None = None

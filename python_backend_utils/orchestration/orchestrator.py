@@ -43,7 +43,7 @@ from python_backend_utils.serving.triton_io import ResponseAssembler, generation
 
 logger = logging.getLogger(__name__)
 
-WORKER_OUTPUTS = ["output_ids", "output_log_probs", "top_log_prob_ids", "top_log_probs"]
+WORKER_OUTPUTS = ["output_ids", "output_log_probs", *triton_io.ALTERNATIVES_OUTPUTS]
 CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 # Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
 # request in flight waits for its next response on a thread of its own, off the event loop
@@ -62,6 +62,7 @@ class ContextResult:
     first_tokens: list[int]
     log_probs: list[float]
     top_log_probs: list[list[tuple[int, float]]]
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]]
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
     target: Target
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
@@ -202,10 +203,10 @@ class Orchestrator:
 
         started = time.monotonic()
 
-        def deliver(token_ids: list[int], log_probs: list[float], finished: bool,
-                    top_log_probs: list[list[tuple[int, float]]] | None = None) -> None:
+        def deliver(token_ids: list[int], log_probs: list[float], finished: bool, top_log_probs=None,
+                    prompt_log_probs=None) -> None:
             self.stats.output_tokens += len(token_ids)
-            response = assembler.add(token_ids, log_probs, finished, top_log_probs)
+            response = assembler.add(token_ids, log_probs, finished, top_log_probs, prompt_log_probs)
             if response is not None:
                 send_tensors(sender, response.tensors, response.final)
 
@@ -221,7 +222,7 @@ class Orchestrator:
             self.stats.disaggregated += 1
             self.stats.context_phase_seconds += generation_started - started
             finished = context.params is None
-            deliver(context.first_tokens, context.log_probs, finished, context.top_log_probs)
+            deliver(context.first_tokens, context.log_probs, finished, context.top_log_probs, context.prompt_log_probs)
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
@@ -277,14 +278,15 @@ class Orchestrator:
                 continue
             finally:
                 self.context_router.finished(target, len(prompt))
-            tokens, log_probs, top_log_probs, params = [], [], [], None
+            tokens, log_probs, top_log_probs, prompt_log_probs, params = [], [], [], [], None
             for outputs in responses:
                 tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
                 log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
                 top_log_probs += triton_io.top_log_probs_of(outputs)
+                prompt_log_probs += triton_io.prompt_log_probs_of(outputs)
                 if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
                     params = outputs["context_phase_params"].reshape(-1)
-            return ContextResult(tokens, log_probs, top_log_probs, params, target, worker_id)
+            return ContextResult(tokens, log_probs, top_log_probs, prompt_log_probs, params, target, worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
@@ -316,7 +318,7 @@ class Orchestrator:
                     received = True
                     deliver(outputs["output_ids"].reshape(-1).tolist(),
                             outputs["output_log_probs"].reshape(-1).tolist(), False,
-                            triton_io.top_log_probs_of(outputs))
+                            triton_io.top_log_probs_of(outputs), triton_io.prompt_log_probs_of(outputs))
             except ClientCancelled:
                 self.stats.cancelled += 1
                 await self._stop(target, worker_id)

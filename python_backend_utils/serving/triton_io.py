@@ -141,6 +141,7 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         min_p=scalar(inputs, "min_p", SamplingParams.min_p),
         logit_bias=decode_logit_bias(inputs.get("logit_bias_ids"), inputs.get("logit_bias_values")),
         top_logprobs=scalar(inputs, "top_logprobs", SamplingParams.top_logprobs),
+        prompt_log_probs=bool(scalar(inputs, "return_prompt_log_probs", False)),
     )
     return GenerationRequest(
         prompt_ids=input_ids[:length].tolist(),
@@ -176,12 +177,15 @@ class ResponseAssembler:
         self._generated: list[int] = []
         self._log_probs: list[float] = []
         self._top: list[list[tuple[int, float]]] = []
+        self._prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = []  # sent with the first response
         self._emitted = 0  # generated tokens already sent
 
     def add(self, token_ids: list[int], log_probs: list[float], finished: bool,
-            top_log_probs: list[list[tuple[int, float]]] | None = None) -> MiddleResponse | None:
-        """The response to send for these new tokens, if any (log_probs and top_log_probs empty
-        when not asked for)."""
+            top_log_probs: list[list[tuple[int, float]]] | None = None,
+            prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] | None = None) -> MiddleResponse | None:
+        """The response to send for these new tokens, if any (log_probs, top_log_probs and
+        prompt_log_probs empty when not asked for)."""
+        self._prompt_log_probs += prompt_log_probs or []
         self._generated += token_ids
         self._log_probs += log_probs or [0.0] * len(token_ids)
         self._top += top_log_probs or [[]] * len(token_ids)
@@ -201,14 +205,22 @@ class ResponseAssembler:
             output_ids, preceding = history + new_ids, []
         else:
             output_ids, preceding = new_ids, history[-PRECEDING_TOKENS:]
-        return {
+        tensors = {
             "output_ids": np.asarray(output_ids, dtype=np.int32),
             "preceding_ids": np.asarray(preceding, dtype=np.int32),
             "sequence_length": np.asarray([len(output_ids)], dtype=np.int32),
             "cum_log_probs": np.asarray([sum(self._log_probs)], dtype=np.float32),
             "output_log_probs": np.asarray(new_log_probs, dtype=np.float32),
             **top_log_prob_tensors(new_top, self._top_logprobs),
+            **prompt_log_prob_tensors(self._prompt_log_probs, self._top_logprobs),
         }
+        self._prompt_log_probs = []
+        return tensors
+
+
+# What top_log_prob_tensors and prompt_log_prob_tensors fill in.
+ALTERNATIVES_OUTPUTS = ("top_log_prob_ids", "top_log_probs", "prompt_log_probs", "prompt_top_log_prob_ids",
+                        "prompt_top_log_probs")
 
 
 def top_log_prob_tensors(top: list[list[tuple[int, float]]], width: int) -> dict[str, np.ndarray]:
@@ -227,3 +239,21 @@ def top_log_probs_of(outputs: dict[str, np.ndarray]) -> list[list[tuple[int, flo
     if ids is None or values is None or ids.ndim != 2:
         return []
     return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+def prompt_log_prob_tensors(entries: list[tuple[float, list[tuple[int, float]]]], width: int) -> dict[str, np.ndarray]:
+    """`prompt_log_probs` [n] and `prompt_top_log_prob_ids` / `prompt_top_log_probs` [n, width]: the
+    prompt's tokens from the second on (empty in every response but the first)."""
+    top = top_log_prob_tensors([alternatives for _, alternatives in entries], width)
+    return {"prompt_log_probs": np.asarray([log_prob for log_prob, _ in entries], dtype=np.float32),
+            "prompt_top_log_prob_ids": top["top_log_prob_ids"], "prompt_top_log_probs": top["top_log_probs"]}
+
+
+def prompt_log_probs_of(outputs: dict[str, np.ndarray]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The inverse of prompt_log_prob_tensors; [] when the response has none."""
+    values = outputs.get("prompt_log_probs")
+    if values is None or not values.size:
+        return []
+    top = top_log_probs_of({"top_log_prob_ids": outputs.get("prompt_top_log_prob_ids"),
+                            "top_log_probs": outputs.get("prompt_top_log_probs")})
+    return list(zip(values.reshape(-1).tolist(), top or [[]] * values.size))

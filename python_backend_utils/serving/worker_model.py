@@ -44,6 +44,7 @@ from python_backend_utils.serving.triton_io import (
     ResponseAssembler,
     generation_request,
     model_parameters,
+    prompt_log_prob_tensors,
     request_inputs,
     top_log_prob_tensors,
 )
@@ -63,7 +64,8 @@ class ResponseStream:
         self.on_end = on_end
 
     def on_output(self, output: RequestOutput) -> None:
-        response = self.assembler.add(output.token_ids, output.log_probs, output.finished, output.top_log_probs)
+        response = self.assembler.add(output.token_ids, output.log_probs, output.finished, output.top_log_probs,
+                                      output.prompt_log_probs)
         if response is not None:
             send_tensors(self.sender, response.tensors, response.final)
         if output.finished and self.on_end:
@@ -236,6 +238,7 @@ class ContextResponder:
             "output_ids": np.asarray(output.token_ids, dtype=np.int32),
             "output_log_probs": np.asarray(output.log_probs, dtype=np.float32),
             **top_log_prob_tensors(output.top_log_probs, self.top_logprobs),
+            **prompt_log_prob_tensors(output.prompt_log_probs, self.top_logprobs),
         }
         published = output.kv_block_ids is not None
         if published:

@@ -177,3 +177,25 @@ def test_bad_sampling_settings_are_a_400_naming_them(client):
                            ({"presence_penalty": 3}, "presence_penalty")):
         with pytest.raises(openai.BadRequestError, match=name):
             client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=2, **settings)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_echo_with_logprobs_gives_the_prompts_log_probs_as_transformers(clients, tokenizer, reference, mode):
+    """As lm-eval's loglikelihood tasks ask: echo, logprobs, max_tokens 1; the first token's is null."""
+    prompt_ids = tokenizer.encode(PROMPT)
+    answer = clients[mode].completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=1, temperature=0,
+                                              echo=True, logprobs=2)
+    [choice] = answer.choices
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(prompt_ids) + 1
+    assert logprobs.tokens[: len(prompt_ids)] == [token_text(tokenizer, t) for t in prompt_ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    with torch.inference_mode():
+        expected = torch.log_softmax(reference(torch.tensor([prompt_ids])).logits[0].float(), dim=-1)
+    wanted = [float(expected[i, prompt_ids[i + 1]]) for i in range(len(prompt_ids) - 1)]
+    assert logprobs.token_logprobs[1: len(prompt_ids)] == pytest.approx(wanted, abs=2e-3)
+    for position in range(1, len(prompt_ids)):
+        top_two = [token_text(tokenizer, t) for t in expected[position - 1].topk(2).indices.tolist()]
+        assert set(top_two) <= set(logprobs.top_logprobs[position])
+    assert logprobs.token_logprobs[-1] == pytest.approx(float(expected[-1].max()), abs=2e-3)  # the greedy answer's

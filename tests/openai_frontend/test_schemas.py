@@ -39,7 +39,7 @@ def test_neutral_values_of_those_parameters_are_accepted():
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"prompt": ["a", "b"]}, "prompt"), ({"echo": True}, "echo"),
+    ({"prompt": ["a", "b"]}, "prompt"),
     ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
 ])
 def test_completion_parameters_the_engine_cannot_honour_are_named(extra, param):
