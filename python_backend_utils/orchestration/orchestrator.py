@@ -59,10 +59,7 @@ GROUPS = ("context", "generation")
 
 @dataclass(frozen=True)
 class ContextResult:
-    first_tokens: list[int]
-    log_probs: list[float]
-    top_log_probs: list[list[tuple[int, float]]]
-    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]]
+    outputs: dict[str, np.ndarray]  # the first token, its log-probabilities, the prompt's if asked for
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
     target: Target
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
@@ -203,10 +200,9 @@ class Orchestrator:
 
         started = time.monotonic()
 
-        def deliver(token_ids: list[int], log_probs: list[float], finished: bool, top_log_probs=None,
-                    prompt_log_probs=None) -> None:
-            self.stats.output_tokens += len(token_ids)
-            response = assembler.add(token_ids, log_probs, finished, top_log_probs, prompt_log_probs)
+        def deliver(outputs: dict[str, np.ndarray], finished: bool) -> None:
+            self.stats.output_tokens += outputs["output_ids"].size if "output_ids" in outputs else 0
+            response = assembler.add_outputs(outputs, finished)
             if response is not None:
                 send_tensors(sender, response.tensors, response.final)
 
@@ -222,7 +218,7 @@ class Orchestrator:
             self.stats.disaggregated += 1
             self.stats.context_phase_seconds += generation_started - started
             finished = context.params is None
-            deliver(context.first_tokens, context.log_probs, finished, context.top_log_probs, context.prompt_log_probs)
+            deliver(context.outputs, finished)
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
@@ -278,15 +274,10 @@ class Orchestrator:
                 continue
             finally:
                 self.context_router.finished(target, len(prompt))
-            tokens, log_probs, top_log_probs, prompt_log_probs, params = [], [], [], [], None
-            for outputs in responses:
-                tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
-                log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
-                top_log_probs += triton_io.top_log_probs_of(outputs)
-                prompt_log_probs += triton_io.prompt_log_probs_of(outputs)
-                if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
-                    params = outputs["context_phase_params"].reshape(-1)
-            return ContextResult(tokens, log_probs, top_log_probs, prompt_log_probs, params, target, worker_id)
+            outputs = triton_io.joined_outputs(responses)
+            params = outputs.get("context_phase_params")
+            return ContextResult(outputs, params.reshape(-1) if params is not None and params.size else None, target,
+                                 worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
@@ -313,12 +304,10 @@ class Orchestrator:
                         raise WorkerFailed(f"generation instance {target} sent nothing for "
                                            f"{deployment.generation_timeout_s} s") from None
                     if outputs is None:
-                        deliver([], [], True)
+                        deliver({}, True)
                         return
                     received = True
-                    deliver(outputs["output_ids"].reshape(-1).tolist(),
-                            outputs["output_log_probs"].reshape(-1).tolist(), False,
-                            triton_io.top_log_probs_of(outputs), triton_io.prompt_log_probs_of(outputs))
+                    deliver(outputs, False)
             except ClientCancelled:
                 self.stats.cancelled += 1
                 await self._stop(target, worker_id)

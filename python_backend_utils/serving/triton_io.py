@@ -195,6 +195,13 @@ class ResponseAssembler:
             return MiddleResponse(self._tensors() if not self._streaming else {}, True)
         return None
 
+    def add_outputs(self, outputs: dict[str, np.ndarray], finished: bool) -> MiddleResponse | None:
+        """add() for a worker's response: its output_ids, output_log_probs and alternatives tensors."""
+        empty = np.zeros(0)
+        return self.add(outputs.get("output_ids", empty).reshape(-1).tolist(),
+                        outputs.get("output_log_probs", empty).reshape(-1).tolist(), finished,
+                        top_log_probs_of(outputs), prompt_log_probs_of(outputs))
+
     def _tensors(self) -> dict[str, np.ndarray]:
         history = self._prompt + self._generated[: self._emitted]
         new_ids = self._generated[self._emitted :]
@@ -257,3 +264,9 @@ def prompt_log_probs_of(outputs: dict[str, np.ndarray]) -> list[tuple[float, lis
     top = top_log_probs_of({"top_log_prob_ids": outputs.get("prompt_top_log_prob_ids"),
                             "top_log_probs": outputs.get("prompt_top_log_probs")})
     return list(zip(values.reshape(-1).tolist(), top or [[]] * values.size))
+
+
+def joined_outputs(responses: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several responses of one worker request as one: each output's values one after the other."""
+    names = {name for outputs in responses for name in outputs}
+    return {name: np.concatenate([outputs[name] for outputs in responses if name in outputs]) for name in names}

@@ -58,6 +58,12 @@ def reference():
     return AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def plain(reference, tokenizer) -> list[int]:
+    """transformers' greedy answer to PROMPT, nothing penalized."""
+    return reference_greedy(reference, tokenizer.encode(PROMPT), [])
+
+
 @torch.inference_mode()
 def reference_greedy(model, prompt_ids: list[int], processors: list, max_tokens: int = MAX_TOKENS) -> list[int]:
     ids = torch.tensor([prompt_ids])
@@ -148,10 +154,9 @@ def reference_chat_prompt() -> str:
     ({"frequency_penalty": 1.5, "presence_penalty": 0.5}, lambda n: [OpenAIPenalties(n, 0.5, 1.5)]),
     ({"logit_bias": {"-": 0}}, None),  # filled in below: the reference answer's second token, banned
 ], ids=["repetition", "frequency+presence", "logit_bias"])
-def test_each_penalty_changes_the_answer_as_transformers_processors_do(client, tokenizer, reference, settings,
+def test_each_penalty_changes_the_answer_as_transformers_processors_do(client, tokenizer, reference, plain, settings,
                                                                        processors):
     prompt_ids = tokenizer.encode(PROMPT)
-    plain = reference_greedy(reference, prompt_ids, [])
     if processors is None:
         banned = plain[1]
         settings = {"logit_bias": {str(banned): -100}}
