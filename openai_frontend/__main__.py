@@ -7,7 +7,8 @@ import sys
 
 import uvicorn
 
-from openai_frontend.app import ServedModel, create_app
+from openai_frontend.app import create_app
+from openai_frontend.served_model import ServedModel
 from openai_frontend.triton_client import TritonGenerator
 from python_backend_utils.environment import CheckpointNotFoundError, resolve_model_dir
 

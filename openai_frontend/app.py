@@ -8,8 +8,6 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -20,35 +18,22 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from openai_frontend.generation import Answer, generation_params
 from openai_frontend.guided import Guide, GuideError, requested_guide
+from openai_frontend.replies import ChatReply, CompletionReply, all_of
 from openai_frontend.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChoiceLogprobs,
     Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    Delta,
     ErrorBody,
     ErrorDetail,
-    ModelCard,
     ModelList,
     SamplingRequest,
-    TokenLogprob,
-    now,
-    response_id,
 )
-from openai_frontend.tools import ToolCalling, ToolCallParser, fallback_messages
-from openai_frontend.triton_client import GenerationError, TritonGenerator
-from python_backend_utils.context_window import default_window, model_config
-from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
+from openai_frontend.served_model import ServedModel
+from openai_frontend.tools import ToolCalling, fallback_messages
+from openai_frontend.triton_client import GenerationError, GenerationParams, TritonGenerator
 
 logger = logging.getLogger(__name__)
-OWNER = "triton-disagg"
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the access log shows it
 T = TypeVar("T")
@@ -62,22 +47,6 @@ class ApiError(Exception):
     def body(self) -> ErrorBody:
         return ErrorBody(error=ErrorDetail(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"),
                                            param=self.param, code=self.code))
-
-
-@dataclass
-class ServedModel:
-    """The checkpoint the server runs, as the frontend needs it."""
-
-    card: ModelCard
-    tokenizer: TextTokenizer
-    chat_template: ChatTemplate | None
-    context_window: int
-
-    @classmethod
-    def load(cls, model_dir: Path) -> ServedModel:
-        card = ModelCard(id=model_dir.name, created=int((model_dir / "config.json").stat().st_mtime), owned_by=OWNER)
-        return cls(card, load_tokenizer({"model_dir": str(model_dir)}), ChatTemplate.from_checkpoint(model_dir),
-                   default_window(model_config(model_dir)))
 
 
 def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
@@ -128,13 +97,23 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             raise ApiError(400, str(error), error.param) from None
 
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool, guide: Guide | None) -> Answer:
+                    log_probs: bool, top_logprobs: int, guide: Guide | None,
+                    prompt_log_probs: bool = False) -> list[Answer]:
+        """The request's n answers, each started. The first one's prefill fills the prefix cache
+        before the others are sent, so theirs reuse its KV blocks: the prompt is computed once."""
         await wait_ready()
-        params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs)
+        params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs,
+                                   top_logprobs, prompt_log_probs)
         params = dataclasses.replace(params, guide=guide)
-        answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings())
-        await answer.start()
-        return answer
+        answers = [Answer(generator, model.tokenizer, prompt_ids, choice_params(params, index),
+                          request.stop_strings(), request.skip_special_tokens) for index in range(request.n)]
+        try:
+            await answers[0].start()
+            await all_of([answer.start() for answer in answers[1:]])
+        except BaseException:
+            await all_of([answer.close() for answer in answers])
+            raise
+        return answers
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -150,7 +129,9 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None, guide_of(request))
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None,
+                       request.logprobs or 0, guide_of(request),
+                       prompt_log_probs=request.echo and request.logprobs is not None)
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
                                            include_usage(request)))
@@ -171,7 +152,8 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             guide = forced
         prompt_ids = model.tokenizer.encode(render_chat(model.chat_template, request, calling),
                                             add_special_tokens=False)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs, guide)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs,
+                       (request.top_logprobs or 0) if request.logprobs else 0, guide)
         if request.stream:
             return EventSourceResponse(sse(ChatReply(await answer, request, model, calling).chunks(),
                                            include_usage(request)))
@@ -198,8 +180,8 @@ def render_chat(template: ChatTemplate, request: ChatCompletionRequest, calling:
         raise ApiError(400, str(error), "messages") from None
 
 
-async def whole(reply: Callable[[Answer], CompletionReply | ChatReply],
-                answer: Coroutine[None, None, Answer]) -> Completion | ChatCompletion:
+async def whole(reply: Callable[[list[Answer]], CompletionReply | ChatReply],
+                answer: Coroutine[None, None, list[Answer]]) -> Completion | ChatCompletion:
     """The non-streaming reply, from the request's start: a client may leave while it waits for its prefill."""
     return await reply(await answer).whole()
 
@@ -244,85 +226,6 @@ async def sse(chunks: AsyncIterator, usage: bool) -> AsyncIterator[bytes]:
     yield format_sse_event(data_str="[DONE]")
 
 
-class CompletionReply:
-    def __init__(self, answer: Answer, request: CompletionRequest, model: ServedModel) -> None:
-        self.answer, self.request, self.model = answer, request, model
-        self.id, self.created = response_id("cmpl"), now()
-
-    def _logprobs(self, pieces) -> CompletionLogprobs | None:
-        if self.request.logprobs is None:
-            return None
-        tokens = [self.answer.text.token_text(t) for piece in pieces for t in piece.token_ids]
-        offsets, at = [], 0
-        for token in tokens:
-            offsets.append(at)
-            at += len(token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for p in pieces for lp in p.log_probs],
-                                  text_offset=offsets)
-
-    def _completion(self, choices: list[CompletionChoice], usage=None) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model.card.id, choices=choices, usage=usage)
-
-    async def whole(self) -> Completion:
-        pieces = [piece async for piece in self.answer.pieces()]
-        choice = CompletionChoice(text=self.answer.text.text, logprobs=self._logprobs(pieces),
-                                  finish_reason=self.answer.finish_reason)
-        return self._completion([choice], self.answer.usage)
-
-    async def chunks(self) -> AsyncIterator[Completion]:
-        async for piece in self.answer.pieces():
-            if piece.text or piece.token_ids:
-                yield self._completion([CompletionChoice(text=piece.text, logprobs=self._logprobs([piece]))])
-        yield self._completion([CompletionChoice(text="", finish_reason=self.answer.finish_reason)])
-        yield self._completion([], self.answer.usage)
-
-
-class ChatReply:
-    def __init__(self, answer: Answer, request: ChatCompletionRequest, model: ServedModel,
-                 calling: ToolCalling | None = None) -> None:
-        self.answer, self.request, self.model = answer, request, model
-        self.parser = ToolCallParser(calling) if calling is not None else None
-        self.id, self.created = response_id("chatcmpl"), now()
-
-    @property
-    def finish_reason(self) -> str:
-        if self.parser is not None and self.parser.calls and self.answer.finish_reason == "stop":
-            return "tool_calls"
-        return self.answer.finish_reason
-
-    def _logprobs(self, pieces) -> ChoiceLogprobs | None:
-        if not self.request.logprobs:
-            return None
-        entries = []
-        for piece in pieces:
-            for token_id, log_prob in zip(piece.token_ids, piece.log_probs):
-                token = self.answer.text.token_text(token_id)
-                entries.append(TokenLogprob(token=token, logprob=log_prob, bytes=list(token.encode())))
-        return ChoiceLogprobs(content=entries)
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model.card.id, choices=choices,
-                                   usage=usage)
-
-    async def whole(self) -> ChatCompletion:
-        pieces = [piece async for piece in self.answer.pieces()]
-        content, calls = self.answer.text.text, None
-        if self.parser is not None:
-            content, calls = self.parser.parse(content)
-        choice = ChatChoice(message=AssistantMessage(content=content, tool_calls=calls or None),
-                            logprobs=self._logprobs(pieces), finish_reason=self.finish_reason)
-        return ChatCompletion(id=self.id, created=self.created, model=self.model.card.id, choices=[choice],
-                              usage=self.answer.usage)
-
-    async def chunks(self) -> AsyncIterator[ChatCompletionChunk]:
-        yield self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
-        async for piece in self.answer.pieces():
-            if not (piece.text or piece.token_ids):
-                continue
-            delta = Delta(content=piece.text) if self.parser is None else self.parser.feed(piece.text)
-            if delta is not None or self.request.logprobs:
-                yield self._chunk([ChatChunkChoice(delta=delta or Delta(), logprobs=self._logprobs([piece]))])
-        if self.parser is not None and (delta := self.parser.finish()) is not None:
-            yield self._chunk([ChatChunkChoice(delta=delta)])
-        yield self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=self.finish_reason)])
-        yield self._chunk([], self.answer.usage)
+def choice_params(params: GenerationParams, index: int) -> GenerationParams:
+    """Choice `index`'s settings: a seeded request's choices draw with seeds of their own."""
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)

@@ -12,7 +12,7 @@ from python_backend_utils.serving.tokenizer import TextTokenizer
 
 
 def generation_params(request: SamplingRequest, output_limit: int | None, prompt_len: int, window: int,
-                      log_probs: bool) -> GenerationParams:
+                      log_probs: bool, top_logprobs: int = 0, prompt_log_probs: bool = False) -> GenerationParams:
     max_tokens = output_limit if output_limit is not None else max(1, window - prompt_len)
     return GenerationParams(
         max_tokens=max_tokens,
@@ -23,6 +23,13 @@ def generation_params(request: SamplingRequest, output_limit: int | None, prompt
         # ignore_eos: the end id is held back for the whole answer, so it runs to max_tokens
         min_tokens=max_tokens if request.ignore_eos else request.min_tokens,
         return_log_probs=log_probs,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        min_p=request.min_p,
+        logit_bias=tuple(sorted((request.logit_bias or {}).items())),
+        top_logprobs=top_logprobs,
+        prompt_log_probs=prompt_log_probs,
     )
 
 
@@ -33,6 +40,7 @@ class Piece:
     text: str
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
 
 
 class Answer:
@@ -40,10 +48,10 @@ class Answer:
     engine refuses fails before any response is sent; `pieces()` yields the rest."""
 
     def __init__(self, generator: TritonGenerator, tokenizer: TextTokenizer, prompt_ids: list[int],
-                 params: GenerationParams, stops: list[str]) -> None:
+                 params: GenerationParams, stops: list[str], skip_special_tokens: bool = True) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
-        self.text = AnswerText(tokenizer, prompt_ids, stops)
+        self.text = AnswerText(tokenizer, prompt_ids, stops, skip_special_tokens)
         self._chunks = generator.generate(prompt_ids, params)
         self._first: TokenChunk | None = None
 
@@ -60,12 +68,21 @@ class Answer:
         try:
             chunk = self._first
             while chunk is not None and not self.text.stopped:
-                yield Piece(self.text.add(chunk.token_ids), chunk.token_ids, chunk.log_probs)
+                yield Piece(self.text.add(chunk.token_ids), chunk.token_ids, chunk.log_probs, chunk.top_log_probs)
                 chunk = await anext(self._chunks, None) if not self.text.stopped else None
         finally:
             await self._chunks.aclose()  # after a stop string: cancels the rest of the generation
         if tail := self.text.finish():
             yield Piece(tail)
+
+    @property
+    def prompt_log_probs(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        """The prompt's tokens' from the second on, when asked for."""
+        return self._first.prompt_log_probs if self._first is not None else []
+
+    async def close(self) -> None:
+        """Stop the generation (a request that will not be read)."""
+        await self._chunks.aclose()
 
     @property
     def finish_reason(self) -> str:

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI API, as far as this server implements it.
 
 Requests forbid unknown fields: a parameter this server does not know is a 400 naming it, never
-silently dropped. Parameters it knows but the engine cannot honour (n > 1, penalties, tools, ...)
+silently dropped. Parameters it knows but the engine cannot honour (tools, suffix, ...)
 are accepted by the schema and refused by `unsupported()` with a message that says why.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls"]
+MAX_CHOICES = 16  # n: each choice is a sequence of its own in the engine's batch
 
 
 class RequestBody(BaseModel):
@@ -50,11 +51,13 @@ class SamplingRequest(RequestBody):
     user: str | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extension
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's extension
+    skip_special_tokens: bool = True  # vLLM's extension: False keeps special tokens' text in the answer
     # Structured output, vLLM's names (openai_frontend/guided.py)
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -68,14 +71,7 @@ class SamplingRequest(RequestBody):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, reason) for the first thing asked that the engine cannot do, else None."""
-        checks = [
-            ("n", self.n != 1, "only n=1 is supported: send one request per choice"),
-            ("presence_penalty", self.presence_penalty != 0.0, "the engine has no presence penalty: send 0"),
-            ("frequency_penalty", self.frequency_penalty != 0.0, "the engine has no frequency penalty: send 0"),
-            ("repetition_penalty", self.repetition_penalty != 1.0, "the engine has no repetition penalty: send 1"),
-            ("logit_bias", bool(self.logit_bias), "the engine does not bias logits"),
-        ]
-        return next(((name, reason) for name, failed, reason in checks if failed), None)
+        return None
 
 
 class TextPart(RequestBody):
@@ -190,8 +186,8 @@ class ChatCompletionRequest(SamplingRequest):
              "tool_choice needs tools to choose from"),
             ("functions", bool(self.functions), "function calls are not supported"),
             ("function_call", self.function_call not in (None, "none"), "function calls are not supported"),
-            ("top_logprobs", bool(self.top_logprobs),
-             "the engine reports only the chosen token's log-probability: send top_logprobs 0 or leave it out"),
+            ("top_logprobs", bool(self.top_logprobs) and not self.logprobs,
+             "top_logprobs needs logprobs set to true"),
         ]
         found = next(((name, reason) for name, failed, reason in checks if failed), None)
         return found or super().unsupported()
@@ -199,7 +195,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's limit is 5, vLLM's 20
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -217,9 +213,6 @@ class CompletionRequest(SamplingRequest):
         checks = [
             ("prompt", isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], str)
              and len(self.prompt) != 1, "one prompt per request: batches of prompts are not supported"),
-            ("logprobs", bool(self.logprobs),
-             "the engine reports only the chosen token's log-probability: send logprobs 0"),
-            ("echo", self.echo, "echoing the prompt is not supported"),
             ("best_of", self.best_of not in (None, 1), "only best_of=1 is supported"),
             ("suffix", bool(self.suffix), "suffixes (insertion) are not supported"),
         ]
@@ -256,8 +249,8 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -277,11 +270,17 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[dict[str, Any]] = []
+    top_logprobs: list[TopLogprob] = []
 
 
 class ChoiceLogprobs(BaseModel):

@@ -18,8 +18,10 @@ def _partial_stop_length(text: str, stops: list[str]) -> int:
 
 
 class AnswerText:
-    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stops: list[str]) -> None:
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stops: list[str],
+                 skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._history = list(prompt_ids[-PRECEDING_TOKENS:])
         self._stops = stops
         self.text = ""
@@ -31,7 +33,7 @@ class AnswerText:
         """The text these tokens make ready to send (possibly empty)."""
         self.token_count += len(token_ids)
         searched_from = max(0, len(self.text) - max((len(stop) for stop in self._stops), default=0))
-        self.text += decode_increment(self._tokenizer, self._history, token_ids)
+        self.text += decode_increment(self._tokenizer, self._history, token_ids, self._skip_special_tokens)
         self._history = (self._history + token_ids)[-PRECEDING_TOKENS:]
         found = [at for stop in self._stops if (at := self.text.find(stop, searched_from)) >= 0]
         if found:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -39,6 +39,13 @@ class GenerationParams:
     min_tokens: int
     return_log_probs: bool
     guide: Guide | None = None  # structured output: the grammar the answer follows
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+    prompt_log_probs: bool = False
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The middle step's inputs (TensorRT-LLM's tensorrt_llm names) for these settings."""
@@ -56,6 +63,24 @@ class GenerationParams:
         if self.guide is not None:
             arrays["guided_decoding_guide_type"] = np.array([self.guide.guide_type.encode()], np.object_)
             arrays["guided_decoding_guide"] = np.array([self.guide.guide.encode()], np.object_)
+        arrays.update(self._logit_processing_arrays())
+        return arrays
+
+    def _logit_processing_arrays(self) -> dict[str, np.ndarray]:
+        """Penalties, biases, min_p and top_logprobs: sent only when they change something."""
+        arrays = {}
+        for name, value, off in (("presence_penalty", self.presence_penalty, 0.0),
+                                 ("frequency_penalty", self.frequency_penalty, 0.0),
+                                 ("repetition_penalty", self.repetition_penalty, 1.0), ("min_p", self.min_p, 0.0)):
+            if value != off:
+                arrays[name] = np.array([value], np.float32)
+        if self.logit_bias:
+            arrays["logit_bias_ids"] = np.array([token for token, _ in self.logit_bias], np.int32)
+            arrays["logit_bias_values"] = np.array([bias for _, bias in self.logit_bias], np.float32)
+        if self.top_logprobs:
+            arrays["top_logprobs"] = np.array([self.top_logprobs], np.int32)
+        if self.prompt_log_probs:
+            arrays["return_prompt_log_probs"] = np.array([True])
         return arrays
 
 
@@ -63,6 +88,9 @@ class GenerationParams:
 class TokenChunk:
     token_ids: list[int]
     log_probs: list[float]  # empty unless asked for
+    top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, if asked
+    # the first chunk, if asked: (log-probability, top alternatives) of each prompt token from the second on
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class GenerationError(Exception):
@@ -80,6 +108,22 @@ def _classify(error: grpc.aio.AioRpcError) -> GenerationError:
     if error.code() in NOT_READY:
         return GenerationError(f"the model is not ready: {details}", 503)
     return GenerationError(f"generation failed: {error.code().name}: {details}", 500)
+
+
+def _top_log_probs(result, prefix: str) -> list[list[tuple[int, float]]]:
+    """Each token's likeliest (id, log-probability) pairs, from top_log_prob_ids and top_log_probs
+    (prompt_top_log_prob_ids and prompt_top_log_probs: prefix "prompt_")."""
+    ids, values = result.as_numpy(f"{prefix}top_log_prob_ids"), result.as_numpy(f"{prefix}top_log_probs")
+    if ids is None or values is None:
+        return []
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+def _prompt_log_probs(result) -> list[tuple[float, list[tuple[int, float]]]]:
+    values = result.as_numpy("prompt_log_probs")
+    if values is None:
+        return []
+    return list(zip(values.tolist(), _top_log_probs(result, "prompt_") or [[]] * values.size))
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
@@ -134,7 +178,9 @@ class TritonGenerator:
                 token_ids = result.as_numpy("output_ids")
                 if token_ids is not None and token_ids.size:
                     log_probs = result.as_numpy("output_log_probs") if params.return_log_probs else None
-                    yield TokenChunk(token_ids.tolist(), [] if log_probs is None else log_probs.tolist())
+                    top = _top_log_probs(result, "") if params.top_logprobs else []
+                    prompt = _prompt_log_probs(result) if params.prompt_log_probs else []
+                    yield TokenChunk(token_ids.tolist(), [] if log_probs is None else log_probs.tolist(), top, prompt)
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     answered = True
                     return

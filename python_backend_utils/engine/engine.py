@@ -16,7 +16,7 @@ from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.grammar import Grammars, apply_grammar_masks
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
-from python_backend_utils.engine.sampler import apply_bad_words, sample
+from python_backend_utils.engine.sampler import apply_bad_words, apply_penalties, sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
 from python_backend_utils.engine.sequence import Role, Sequence, StartPull, Status
@@ -102,6 +102,7 @@ class LLMEngine:
         )
         seq.num_emitted = 1
         seq.output_log_probs.append(0.0)  # the first token's, reported by the context instance
+        seq.output_top_log_probs.append([])
         self._admit(seq)
 
     def release_kv(self, request_id: str) -> None:
@@ -152,6 +153,8 @@ class LLMEngine:
                 start=item.seq.num_computed,
                 block_table=item.seq.block_table,
                 sample=item.completes,
+                all_logits=(item.seq.params.prompt_log_probs and item.seq.role is not Role.GENERATION_ONLY
+                            and item.seq.num_computed < item.seq.num_prompt_tokens - 1),
             )
             for item in scheduled
         ]
@@ -170,40 +173,72 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(
                     item.seq.block_table, item.seq.token_ids, item.seq.num_computed, item.seq.block_hash_chain
                 )
+        if any(chunk.all_logits for chunk in chunks):
+            logits = self._take_prompt_log_probs(scheduled, chunks, logits)
         return self._sample_and_finish(sampling, logits) if sampling else []
+
+    def _take_prompt_log_probs(self, scheduled: list[ScheduledChunk], chunks: list[Chunk],
+                               logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt log-probabilities of the all_logits chunks; return the sampling rows' logits."""
+        sampling_rows, at = [], 0
+        for item, chunk in zip(scheduled, chunks):
+            rows = len(chunk.token_ids) if chunk.all_logits else int(chunk.sample)
+            if chunk.all_logits:
+                self._record_prompt_log_probs(item.seq, chunk.start, logits[at : at + rows])
+            if chunk.sample:
+                sampling_rows.append(at + rows - 1)
+            at += rows
+        return logits[sampling_rows]
+
+    @staticmethod
+    def _record_prompt_log_probs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Row j's logits predict prompt token start + j + 1 (a recomputed prompt overwrites its entries)."""
+        count = min(len(logits), seq.num_prompt_tokens - 1 - start)
+        log_probs = torch.log_softmax(logits[:count].float(), dim=-1)
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count], device=log_probs.device)
+        chosen = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top = log_probs.topk(seq.params.top_logprobs, dim=-1)
+        alternatives = [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+        seq.prompt_log_probs[start : start + count] = list(zip(chosen, alternatives))
 
     def _sample_and_finish(self, sampling: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         """One token for each sequence; a request whose own settings or processing fail ends alone."""
         seqs = [item.seq for item in sampling]
+        params = [s.params for s in seqs]
+        logits = logits.float()
         failed: dict[int, Exception] = {}
-        if any(s.params.bad_words for s in seqs):
-            for row in apply_bad_words(logits, [s.token_ids for s in seqs], [s.params.bad_words for s in seqs]):
+        if any(p.bad_words for p in params):
+            for row in apply_bad_words(logits, [s.token_ids for s in seqs], [p.bad_words for p in params]):
                 failed[row] = InvalidRequestError(
                     f"bad_words ban every token of the vocabulary after {seqs[row].num_output_tokens} "
                     "generated tokens: ban fewer words")
+        apply_penalties(logits, [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs], params)
         # min_tokens: the end id cannot be drawn until the answer is long enough.
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
                 logits[row, seq.params.end_id] = float("-inf")
         apply_grammar_masks(logits, [s.grammar for s in seqs])
-        tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        picked = sample(logits, params, seeded_uniforms([s.seed for s in seqs], [s.num_output_tokens for s in seqs]))
+        top_ids, top_log_probs = picked.top_ids.tolist(), picked.top_log_probs.tolist()
         outputs = []
-        for row, (seq, token, log_prob) in enumerate(zip(seqs, tokens.tolist(), log_probs.tolist())):
+        for row, (seq, token, log_prob) in enumerate(zip(seqs, picked.tokens.tolist(), picked.log_probs.tolist())):
             if row in failed:
                 outputs.append(self._fail(seq, failed[row]))
                 continue
+            top = list(zip(top_ids[row], top_log_probs[row]))[: seq.params.top_logprobs]
             try:
-                outputs.append(self._append(seq, token, log_prob))
+                outputs.append(self._append(seq, token, log_prob, top))
             except Exception as error:  # noqa: BLE001 - this request fails, its batch goes on
                 logger.exception("request %s failed after its step", seq.request_id)
                 outputs.append(self._fail(seq, error))
         return outputs
 
-    def _append(self, seq: Sequence, token: int, log_prob: float) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, log_prob: float, top: list[tuple[int, float]]) -> RequestOutput:
         if seq.grammar is not None:
             seq.grammar.advance(token)
         seq.token_ids.append(token)
         seq.output_log_probs.append(log_prob)
+        seq.output_top_log_probs.append(top)
         reason = self._finish_reason(seq, token)
         if reason is None and seq.role is not Role.CONTEXT_ONLY:
             return self._emit(seq, finished=False)
@@ -227,8 +262,10 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool, reason: str | None = None) -> RequestOutput:
         new = seq.output_ids[seq.num_emitted :]
         new_log_probs = seq.output_log_probs[seq.num_emitted :] if seq.params.return_log_probs else []
+        new_top = seq.output_top_log_probs[seq.num_emitted :] if seq.params.top_logprobs else []
         if reason == "stop" and new and not seq.params.ignore_eos and new[-1] == seq.params.end_id:
-            new, new_log_probs = new[:-1], new_log_probs[:-1]
+            new, new_log_probs, new_top = new[:-1], new_log_probs[:-1], new_top[:-1]
+        prompt_log_probs = seq.prompt_log_probs if seq.num_emitted == 0 else []
         seq.num_emitted = seq.num_output_tokens
         return RequestOutput(
             seq.request_id,
@@ -238,6 +275,8 @@ class LLMEngine:
             reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            top_log_probs=new_top,
+            prompt_log_probs=prompt_log_probs,
         )
 
     def _finish(self, seq: Sequence, reason: str | None) -> RequestOutput:
@@ -292,8 +331,7 @@ class LLMEngine:
             for token in seq.output_ids:
                 seq.grammar.advance(token)
         if not seq.params.greedy:
-            seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            seq.generator = torch.Generator(device=self.config.device).manual_seed(seed)
+            seq.seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._sequences[seq.request_id] = seq
         self.scheduler.add(seq)
 

@@ -44,6 +44,7 @@ class Chunk:
     start: int
     block_table: list[int]
     sample: bool  # the chunk ends at the sequence's last token: its logits pick the next token
+    all_logits: bool = False  # every token's logits, not only the last's (prompt log-probabilities)
 
 
 @dataclass
@@ -212,7 +213,8 @@ class PagedCausalLM:
         return x * cos + rotated * sin
 
     def forward(self, chunks: list[Chunk], pool: KVPool) -> torch.Tensor:
-        """Run one step over the chunks; write their KV into `pool`; return logits of the sampling chunks."""
+        """Run one step over the chunks; write their KV into `pool`; return logits of the sampling chunks'
+        last tokens (of every token of an all_logits chunk), in chunk order."""
         shape = self.shape
         plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
         hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
@@ -296,7 +298,9 @@ class _StepPlan:
                 if chunk.start > 0:
                     context_rows = pool.base_rows(chunk.block_table, torch.arange(chunk.start + length))
                 self.prefills.append((offset, length, chunk.start, context_rows))
-            if chunk.sample:
+            if chunk.all_logits:
+                sample_rows.extend(range(offset, offset + length))
+            elif chunk.sample:
                 sample_rows.append(offset + length - 1)
             offset += length
         self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)

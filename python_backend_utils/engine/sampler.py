@@ -1,14 +1,32 @@
 """The batched sampler: one token per sequence from a step's logits.
 
+Every stage works on all the rows that need it at once (tensor ops over rows, no loop over
+requests): bad words, penalties and biases change the logits in place; `sample` then picks.
 It is total: whatever the logits and (validated) settings, every row gets a token, so one
 request's numbers can never fail the step its batch shares.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from python_backend_utils.engine.sampling_params import SamplingParams
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's picks. Log-probabilities are the model's (log-softmax of the logits after bad
+    words, penalties and biases, before temperature and filtering), as vLLM reports them."""
+
+    tokens: torch.Tensor  # [rows]
+    log_probs: torch.Tensor  # [rows]: each chosen token's
+    top_ids: torch.Tensor  # [rows, K], K the largest top_logprobs of the batch (0 columns when none asked)
+    top_log_probs: torch.Tensor  # [rows, K]
 
 
 def apply_bad_words(logits: torch.Tensor, histories: list[list[int]],
@@ -26,45 +44,129 @@ def apply_bad_words(logits: torch.Tensor, histories: list[list[int]],
     return [row for row in rows if bool(torch.isneginf(logits[row]).all())]
 
 
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row; return (token ids, log-probabilities of those tokens).
+def seeded_uniforms(seeds: list[int], steps: list[int]) -> torch.Tensor:
+    """One uniform number in [0, 1) per row: splitmix64's `step`-th output for `seed`.
 
-    Greedy rows take the argmax of the raw distribution; sampled rows draw from the
-    temperature-scaled, top-k/top-p-filtered one, each from its own seeded generator so a
-    request's draws do not depend on what it is batched with. A sampled row whose scaled logits
-    are not a distribution (a temperature so small that logits/T overflows, NaN logits) is
-    greedy for that step.
+    A pure function of (seed, output position), so a seeded request draws the same tokens alone or
+    batched, and whether its first token was drawn on a context instance and the rest elsewhere.
+    """
+    state = np.asarray(seeds, dtype=np.uint64) + (np.asarray(steps, dtype=np.uint64) + np.uint64(1)) * _GOLDEN_GAMMA
+    state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    state ^= state >> np.uint64(31)
+    return torch.from_numpy((state >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def apply_penalties(logits: torch.Tensor, histories: list[list[int]], num_prompt_tokens: list[int],
+                    params: list[SamplingParams]) -> None:
+    """logit_bias, then the repetition penalty (over prompt and output), then the frequency and
+    presence penalties (over output), in place, on the rows that ask for any (vLLM's order)."""
+    rows = [row for row, p in enumerate(params) if p.penalized]
+    if not rows:
+        return
+    chosen = [params[row] for row in rows]
+    index = torch.tensor(rows, device=logits.device)
+    penalized = logits[index]
+    _add_logit_bias(penalized, [p.logit_bias for p in chosen])
+    repetition = torch.tensor([p.repetition_penalty for p in chosen], device=logits.device).unsqueeze(1)
+    if bool((repetition != 1.0).any()):
+        seen = _token_counts([histories[row] for row in rows], logits.shape[1], logits.device) > 0
+        penalized = torch.where(seen, torch.where(penalized > 0, penalized / repetition, penalized * repetition),
+                                penalized)
+    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=logits.device).unsqueeze(1)
+    presence = torch.tensor([p.presence_penalty for p in chosen], device=logits.device).unsqueeze(1)
+    if bool((frequency != 0).any() or (presence != 0).any()):
+        outputs = [histories[row][num_prompt_tokens[row]:] for row in rows]
+        counts = _token_counts(outputs, logits.shape[1], logits.device)
+        penalized = penalized - frequency * counts - presence * (counts > 0)
+    logits[index] = penalized.to(logits.dtype)
+
+
+def _add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> None:
+    rows = [row for row, bias in enumerate(biases) for _ in bias]
+    if rows:
+        ids = [token for bias in biases for token, _ in bias]
+        values = torch.tensor([value for bias in biases for _, value in bias], dtype=logits.dtype)
+        logits.index_put_((torch.tensor(rows), torch.tensor(ids)), values.to(logits.device), accumulate=True)
+
+
+def _token_counts(histories: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """[rows, vocab] float: how often each token occurs in each row's history."""
+    counts = torch.zeros(len(histories), vocab_size, device=device)
+    flat = [token for history in histories for token in history]
+    if flat:
+        rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([len(h) for h in histories]))
+        counts.index_put_((rows.to(device), torch.tensor(flat, device=device)), torch.ones(len(flat), device=device),
+                          accumulate=True)
+    return counts
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> SampledTokens:
+    """Pick one token per row.
+
+    Greedy rows take the argmax; sampled rows draw from the temperature-scaled, min-p, top-k and
+    top-p filtered distribution by inverting its CDF at the row's uniform number (seeded_uniforms).
+    A sampled row whose scaled logits are not a distribution (a temperature so small that logits/T
+    overflows, NaN logits) is greedy for that step.
     """
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    # log_softmax at the chosen token only: no second vocabulary-sized tensor per step.
-    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    for row in sampled_rows:
-        scaled = _filtered(logits[row], params[row])
-        if scaled is None:
-            continue
-        probs = torch.softmax(scaled, dim=-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
-        chosen[row] = scaled[tokens[row]] - torch.logsumexp(scaled, dim=-1)
-    return tokens, chosen
+    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, device=logits.device)
+        drawn = _draw(logits[index], [params[row] for row in sampled_rows], uniforms[index].to(logits.device))
+        tokens[index] = torch.where(drawn >= 0, drawn, tokens[index])
+    # log_softmax at the chosen (and top) tokens only: no second vocabulary-sized tensor per step.
+    normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = (logits.gather(1, tokens.unsqueeze(1)) - normalizer).squeeze(1)
+    top = max(p.top_logprobs for p in params)
+    top_values, top_ids = logits.topk(top, dim=-1) if top else (logits[:, :0], tokens[:, None][:, :0])
+    return SampledTokens(tokens, chosen, top_ids, top_values - normalizer)
 
 
-def _filtered(row_logits: torch.Tensor, p: SamplingParams) -> torch.Tensor | None:
-    """The row's temperature-scaled, top-k/top-p-filtered logits; None when they cannot be sampled."""
-    scaled = row_logits / p.temperature
-    if torch.isnan(scaled).any() or torch.isposinf(scaled).any() or torch.isneginf(scaled).all():
-        return None
-    if p.top_k > 0:
-        kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
-        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+def _draw(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn at `uniforms`; -1 where the scaled logits are no distribution."""
+    scaled, valid = sampling_logits(logits, params)
+    probs = torch.softmax(scaled, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
+    # Rounding can put the target past the last step of the CDF: take the likeliest token there.
+    drawn = torch.where(probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0, drawn, probs.argmax(dim=-1))
+    return torch.where(valid, drawn, torch.full_like(drawn, -1))
+
+
+def sampling_logits(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits sampled rows draw from: temperature-scaled, then min-p, top-k and top-p filtered;
+    whether each row is a distribution at all)."""
+    scaled = logits / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+    valid = ~(torch.isnan(scaled).any(-1) | torch.isposinf(scaled).any(-1) | torch.isneginf(scaled).all(-1))
+    scaled = torch.where(valid.unsqueeze(1), scaled, torch.zeros_like(scaled))
+    return _top_k_top_p_filtered(_min_p_filtered(scaled, params), params), valid
+
+
+def _min_p_filtered(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the likeliest one's (vLLM's min_p)."""
+    min_p = torch.tensor([p.min_p for p in params], device=scaled.device).unsqueeze(1)
+    if not bool((min_p > 0).any()):
+        return scaled
+    probs = torch.softmax(scaled, dim=-1)
+    return scaled.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def _top_k_top_p_filtered(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Keep each row's top_k likeliest tokens (ties included), then the smallest set of those whose
+    probability reaches top_p."""
+    vocab = scaled.shape[1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], device=scaled.device).unsqueeze(1)
+    if bool((top_k == vocab).all()) and bool((top_p >= 1.0).all()):
+        return scaled
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if bool((top_p < 1.0).any()):
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+        remove_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        scaled = scaled.masked_fill(torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), float("-inf"))
     return scaled

@@ -11,6 +11,9 @@ from python_backend_utils.errors import InvalidRequestError
 
 # Temperatures below this are greedy: logits/T would overflow, and the draw is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 # TensorRT-LLM's guided_decoding_guide_type values this engine compiles (engine/grammar.py):
 # "json" any JSON object, "json_schema" a JSON schema, "regex", "ebnf_grammar" (xgrammar's EBNF).
@@ -53,6 +56,22 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # the end id and stop words cannot end the answer before this many tokens
     guided_decoding: GuidedDecoding | None = None
+    # OpenAI's penalties, over the generated tokens: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers'/vLLM's, over prompt and generated tokens: a seen token's logit is divided by it
+    # when positive, multiplied by it when negative
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one
+    top_logprobs: int = 0  # this many most likely tokens (and their log-probabilities) with each token
+    prompt_log_probs: bool = False  # also the prompt's tokens' (from the second on), top_logprobs alternatives too
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits are changed before sampling (penalties or biases)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +102,7 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        self._validate_logit_processing(vocab_size)
         for value, name in ((self.end_id, "end_id"), (self.pad_id, "pad_id")):
             if value is not None and not 0 <= value < vocab_size:
                 raise InvalidRequestError(f"{name} {value} is outside the vocabulary [0, {vocab_size})")
@@ -93,6 +113,27 @@ class SamplingParams:
                 check_token_ids(word, vocab_size, name)
         if self.guided_decoding is not None:
             self.guided_decoding.validate()
+
+
+    def _validate_logit_processing(self, vocab_size: int) -> None:
+        for value, name in ((self.presence_penalty, "presence_penalty"), (self.frequency_penalty, "frequency_penalty")):
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise InvalidRequestError(
+                f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequestError(
+                f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are accepted")
+        check_token_ids([token for token, _ in self.logit_bias], vocab_size, "logit_bias")
+        for token, bias in self.logit_bias:
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(
+                    f"logit_bias for token {token} is {bias}: biases must be in [-100, 100]")
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, name: str) -> None:

@@ -63,7 +63,8 @@ class Scheduler:
             budget -= count
         while self.waiting and budget > 0 and self._active() < self.max_num_seqs:
             seq = self.waiting[0]
-            reuse = seq.role is not Role.GENERATION_ONLY
+            # Prompt log-probabilities need every prompt token's logits: nothing of it may come from the cache.
+            reuse = seq.role is not Role.GENERATION_ONLY and not seq.params.prompt_log_probs
             if not self.block_manager.can_allocate(seq.token_ids, reuse_prefix=reuse):
                 break
             self.waiting.popleft()

@@ -8,8 +8,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from python_backend_utils.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -56,8 +54,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     block_hash_chain: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int = 0  # sampled requests: their draws are seeded_uniforms(seed, output position)
     output_log_probs: list[float] = field(default_factory=list)
+    output_top_log_probs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # params.prompt_log_probs: entry i for prompt token i + 1, as (log-probability, top alternatives)
+    prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     start_pull: StartPull | None = None
     kv_pull: Future | None = None  # what start_pull returned, polled between steps
     finish_reason: str | None = None

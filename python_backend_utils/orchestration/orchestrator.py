@@ -37,12 +37,13 @@ from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers
 from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
 from python_backend_utils.orchestration.stats import OrchestratorStats
 from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
+from python_backend_utils.serving import triton_io
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
 from python_backend_utils.serving.triton_io import ResponseAssembler, generation_request, request_inputs
 
 logger = logging.getLogger(__name__)
 
-WORKER_OUTPUTS = ["output_ids", "output_log_probs"]
+WORKER_OUTPUTS = ["output_ids", "output_log_probs", *triton_io.ALTERNATIVES_OUTPUTS]
 CONTEXT_OUTPUTS = WORKER_OUTPUTS + ["context_phase_params"]
 # Python-backend 2.51 hands decoupled BLS responses out through a blocking iterator: each
 # request in flight waits for its next response on a thread of its own, off the event loop
@@ -58,8 +59,7 @@ GROUPS = ("context", "generation")
 
 @dataclass(frozen=True)
 class ContextResult:
-    first_tokens: list[int]
-    log_probs: list[float]
+    outputs: dict[str, np.ndarray]  # the first token, its log-probabilities, the prompt's if asked for
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
     target: Target
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
@@ -204,9 +204,9 @@ class Orchestrator:
 
         started = time.monotonic()
 
-        def deliver(token_ids: list[int], log_probs: list[float], finished: bool) -> None:
-            self.stats.output_tokens += len(token_ids)
-            response = assembler.add(token_ids, log_probs, finished)
+        def deliver(outputs: dict[str, np.ndarray], finished: bool) -> None:
+            self.stats.output_tokens += outputs["output_ids"].size if "output_ids" in outputs else 0
+            response = assembler.add_outputs(outputs, finished)
             if response is not None:
                 send_tensors(sender, response.tensors, response.final)
 
@@ -222,7 +222,7 @@ class Orchestrator:
             self.stats.disaggregated += 1
             self.stats.context_phase_seconds += generation_started - started
             finished = context.params is None
-            deliver(context.first_tokens, context.log_probs, finished)
+            deliver(context.outputs, finished)
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
@@ -278,13 +278,10 @@ class Orchestrator:
                 continue
             finally:
                 self.context_router.finished(target, len(prompt))
-            tokens, log_probs, params = [], [], None
-            for outputs in responses:
-                tokens += outputs.get("output_ids", np.zeros(0, np.int32)).reshape(-1).tolist()
-                log_probs += outputs.get("output_log_probs", np.zeros(0, np.float32)).reshape(-1).tolist()
-                if outputs.get("context_phase_params") is not None and outputs["context_phase_params"].size:
-                    params = outputs["context_phase_params"].reshape(-1)
-            return ContextResult(tokens, log_probs, params, target, worker_id)
+            outputs = triton_io.joined_outputs(responses)
+            params = outputs.get("context_phase_params")
+            return ContextResult(outputs, params.reshape(-1) if params is not None and params.size else None, target,
+                                 worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
@@ -311,11 +308,10 @@ class Orchestrator:
                         raise WorkerFailed(f"generation instance {target} sent nothing for "
                                            f"{deployment.generation_timeout_s} s") from None
                     if outputs is None:
-                        deliver([], [], True)
+                        deliver({}, True)
                         return
                     received = True
-                    deliver(outputs["output_ids"].reshape(-1).tolist(),
-                            outputs["output_log_probs"].reshape(-1).tolist(), False)
+                    deliver(outputs, False)
             except ClientCancelled:
                 self.stats.cancelled += 1
                 await self._stop(target, worker_id)

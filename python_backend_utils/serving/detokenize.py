@@ -22,17 +22,19 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool, clean_up_tokenization_spaces: bool) -> str: ...
 
 
-def complete_text(tokenizer: Decoder, token_ids: Sequence[int]) -> str:
+def complete_text(tokenizer: Decoder, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     """The text of `token_ids` without a trailing incomplete character.
 
     Tokenization-space clean-up stays off: it rewrites text across token boundaries, so the
     text of a prefix would no longer be a prefix of the text.
     """
-    text = tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens,
+                            clean_up_tokenization_spaces=False)
     return text.rstrip(_REPLACEMENT_CHARACTER)
 
 
-def decode_increment(tokenizer: Decoder, preceding: Sequence[int], new: Sequence[int]) -> str:
-    """The text that `new` adds after `preceding`."""
-    before = complete_text(tokenizer, preceding)
-    return complete_text(tokenizer, [*preceding, *new])[len(before):]
+def decode_increment(tokenizer: Decoder, preceding: Sequence[int], new: Sequence[int],
+                     skip_special_tokens: bool = True) -> str:
+    """The text that `new` adds after `preceding` (special tokens' text left out unless told)."""
+    before = complete_text(tokenizer, preceding, skip_special_tokens)
+    return complete_text(tokenizer, [*preceding, *new], skip_special_tokens)[len(before):]

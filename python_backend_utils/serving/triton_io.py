@@ -92,6 +92,15 @@ def decode_word_list(encoded: np.ndarray | None, name: str) -> tuple[tuple[int, 
     return tuple(words)
 
 
+def decode_logit_bias(ids: np.ndarray | None, values: np.ndarray | None) -> tuple[tuple[int, float], ...]:
+    """logit_bias_ids and logit_bias_values, one bias per id, as (id, bias) pairs."""
+    if ids is None and values is None:
+        return ()
+    if ids is None or values is None or ids.size != values.size:
+        raise InvalidRequestError("logit_bias_ids and logit_bias_values go together, one bias per id")
+    return tuple(zip(ids.reshape(-1).tolist(), values.reshape(-1).tolist()))
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One request to the middle step (`aggregated`, later `disaggregated_serving_bls`)."""
@@ -127,6 +136,13 @@ def generation_request(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
         min_tokens=scalar(inputs, "min_length", 0),
         guided_decoding=guided_decoding(inputs),
+        presence_penalty=scalar(inputs, "presence_penalty", SamplingParams.presence_penalty),
+        frequency_penalty=scalar(inputs, "frequency_penalty", SamplingParams.frequency_penalty),
+        repetition_penalty=scalar(inputs, "repetition_penalty", SamplingParams.repetition_penalty),
+        min_p=scalar(inputs, "min_p", SamplingParams.min_p),
+        logit_bias=decode_logit_bias(inputs.get("logit_bias_ids"), inputs.get("logit_bias_values")),
+        top_logprobs=scalar(inputs, "top_logprobs", SamplingParams.top_logprobs),
+        prompt_log_probs=bool(scalar(inputs, "return_prompt_log_probs", False)),
     )
     return GenerationRequest(
         prompt_ids=input_ids[:length].tolist(),
@@ -180,33 +196,100 @@ class ResponseAssembler:
         self._streaming = request.streaming
         self._include_prompt = not request.streaming and not request.exclude_input_in_output
         self._prompt = list(request.prompt_ids)
+        self._top_logprobs = request.params.top_logprobs
         self._generated: list[int] = []
         self._log_probs: list[float] = []
+        self._top: list[list[tuple[int, float]]] = []
+        self._prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] = []  # sent with the first response
         self._emitted = 0  # generated tokens already sent
 
-    def add(self, token_ids: list[int], log_probs: list[float], finished: bool) -> MiddleResponse | None:
-        """The response to send for these new tokens, if any (log_probs empty when not asked for)."""
+    def add(self, token_ids: list[int], log_probs: list[float], finished: bool,
+            top_log_probs: list[list[tuple[int, float]]] | None = None,
+            prompt_log_probs: list[tuple[float, list[tuple[int, float]]]] | None = None) -> MiddleResponse | None:
+        """The response to send for these new tokens, if any (log_probs, top_log_probs and
+        prompt_log_probs empty when not asked for)."""
+        self._prompt_log_probs += prompt_log_probs or []
         self._generated += token_ids
         self._log_probs += log_probs or [0.0] * len(token_ids)
+        self._top += top_log_probs or [[]] * len(token_ids)
         if self._streaming and token_ids:
             return MiddleResponse(self._tensors(), finished)
         if finished:
             return MiddleResponse(self._tensors() if not self._streaming else {}, True)
         return None
 
+    def add_outputs(self, outputs: dict[str, np.ndarray], finished: bool) -> MiddleResponse | None:
+        """add() for a worker's response: its output_ids, output_log_probs and alternatives tensors."""
+        empty = np.zeros(0)
+        return self.add(outputs.get("output_ids", empty).reshape(-1).tolist(),
+                        outputs.get("output_log_probs", empty).reshape(-1).tolist(), finished,
+                        top_log_probs_of(outputs), prompt_log_probs_of(outputs))
+
     def _tensors(self) -> dict[str, np.ndarray]:
         history = self._prompt + self._generated[: self._emitted]
         new_ids = self._generated[self._emitted :]
         new_log_probs = self._log_probs[self._emitted :]
+        new_top = self._top[self._emitted :]
         self._emitted = len(self._generated)
         if self._include_prompt:
             output_ids, preceding = history + new_ids, []
         else:
             output_ids, preceding = new_ids, history[-PRECEDING_TOKENS:]
-        return {
+        tensors = {
             "output_ids": np.asarray(output_ids, dtype=np.int32),
             "preceding_ids": np.asarray(preceding, dtype=np.int32),
             "sequence_length": np.asarray([len(output_ids)], dtype=np.int32),
             "cum_log_probs": np.asarray([sum(self._log_probs)], dtype=np.float32),
             "output_log_probs": np.asarray(new_log_probs, dtype=np.float32),
+            **top_log_prob_tensors(new_top, self._top_logprobs),
+            **prompt_log_prob_tensors(self._prompt_log_probs, self._top_logprobs),
         }
+        self._prompt_log_probs = []
+        return tensors
+
+
+# What top_log_prob_tensors and prompt_log_prob_tensors fill in.
+ALTERNATIVES_OUTPUTS = ("top_log_prob_ids", "top_log_probs", "prompt_log_probs", "prompt_top_log_prob_ids",
+                        "prompt_top_log_probs")
+
+
+def top_log_prob_tensors(top: list[list[tuple[int, float]]], width: int) -> dict[str, np.ndarray]:
+    """`top_log_prob_ids` and `top_log_probs`, [tokens, width]: each token's likeliest alternatives."""
+    ids = np.zeros((len(top), width), dtype=np.int32)
+    values = np.full((len(top), width), -np.inf, dtype=np.float32)
+    for row, entries in enumerate(top):
+        for column, (token, log_prob) in enumerate(entries[:width]):
+            ids[row, column], values[row, column] = token, log_prob
+    return {"top_log_prob_ids": ids, "top_log_probs": values}
+
+
+def top_log_probs_of(outputs: dict[str, np.ndarray]) -> list[list[tuple[int, float]]]:
+    """The inverse of top_log_prob_tensors; [] when the response has none."""
+    ids, values = outputs.get("top_log_prob_ids"), outputs.get("top_log_probs")
+    if ids is None or values is None or ids.ndim != 2:
+        return []
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+def prompt_log_prob_tensors(entries: list[tuple[float, list[tuple[int, float]]]], width: int) -> dict[str, np.ndarray]:
+    """`prompt_log_probs` [n] and `prompt_top_log_prob_ids` / `prompt_top_log_probs` [n, width]: the
+    prompt's tokens from the second on (empty in every response but the first)."""
+    top = top_log_prob_tensors([alternatives for _, alternatives in entries], width)
+    return {"prompt_log_probs": np.asarray([log_prob for log_prob, _ in entries], dtype=np.float32),
+            "prompt_top_log_prob_ids": top["top_log_prob_ids"], "prompt_top_log_probs": top["top_log_probs"]}
+
+
+def prompt_log_probs_of(outputs: dict[str, np.ndarray]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The inverse of prompt_log_prob_tensors; [] when the response has none."""
+    values = outputs.get("prompt_log_probs")
+    if values is None or not values.size:
+        return []
+    top = top_log_probs_of({"top_log_prob_ids": outputs.get("prompt_top_log_prob_ids"),
+                            "top_log_probs": outputs.get("prompt_top_log_probs")})
+    return list(zip(values.reshape(-1).tolist(), top or [[]] * values.size))
+
+
+def joined_outputs(responses: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several responses of one worker request as one: each output's values one after the other."""
+    names = {name for outputs in responses for name in outputs}
+    return {name: np.concatenate([outputs[name] for outputs in responses if name in outputs]) for name in names}

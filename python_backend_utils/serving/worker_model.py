@@ -45,7 +45,9 @@ from python_backend_utils.serving.triton_io import (
     ResponseAssembler,
     generation_request,
     model_parameters,
+    prompt_log_prob_tensors,
     request_inputs,
+    top_log_prob_tensors,
 )
 
 PARAMS_METRICS = {
@@ -62,7 +64,8 @@ class ResponseStream:
         self.on_end = on_end
 
     def on_output(self, output: RequestOutput) -> None:
-        response = self.assembler.add(output.token_ids, output.log_probs, output.finished)
+        response = self.assembler.add(output.token_ids, output.log_probs, output.finished, output.top_log_probs,
+                                      output.prompt_log_probs)
         if response is not None:
             send_tensors(self.sender, response.tensors, response.final)
         if output.finished and self.on_end:
@@ -182,7 +185,7 @@ class LLMModel:
             on_end = lambda: self._forget(triton_id, request_id)  # noqa: E731
         if self.role == "context":
             publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end,
-                                         self.params_key, generation.prompt_ids)
+                                         self.params_key, generation.prompt_ids, generation.params.top_logprobs)
             self.loop.submit(request_id, generation.prompt_ids, generation.params, publisher.on_output,
                              sender.is_cancelled, publisher.on_error, role=Role.CONTEXT_ONLY)
             return
@@ -221,7 +224,7 @@ class ContextResponder:
     """Context role: answer with the first token and, while the request goes on, the KV's handle."""
 
     def __init__(self, sender, transfer, loop: EngineLoop, instance_name: str, on_end,
-                 params_key: bytes, prompt_ids: list[int]) -> None:
+                 params_key: bytes, prompt_ids: list[int], top_logprobs: int) -> None:
         self.sender = sender
         self.transfer = transfer
         self.loop = loop
@@ -229,11 +232,14 @@ class ContextResponder:
         self.on_end = on_end
         self.params_key = params_key
         self.prompt_ids = prompt_ids
+        self.top_logprobs = top_logprobs
 
     def on_output(self, output: RequestOutput) -> None:
         tensors = {
             "output_ids": np.asarray(output.token_ids, dtype=np.int32),
             "output_log_probs": np.asarray(output.log_probs, dtype=np.float32),
+            **top_log_prob_tensors(output.top_log_probs, self.top_logprobs),
+            **prompt_log_prob_tensors(output.prompt_log_probs, self.top_logprobs),
         }
         published = output.kv_block_ids is not None
         if published:

@@ -366,3 +366,19 @@ def test_int8_weights_are_refused_off_the_cpu(tiny_dir):
         LLMEngine(EngineConfig(model_dir=tiny_dir, device="meta", weight_quantization="int8"))
     with pytest.raises(ConfigError, match="weight_quantization"):
         EngineConfig(weight_quantization="int4")
+
+
+@pytest.mark.parametrize("chunk_tokens", [64, 5], ids=["one-chunk", "chunked-prefill"])
+def test_prompt_log_probs_are_transformers_even_over_a_cached_prefix(tiny_dir, tiny_reference, chunk_tokens):
+    engine = tiny_engine(tiny_dir, max_num_batched_tokens=chunk_tokens)
+    prompt = [7, 3, 9, 12, 5, 8, 21, 4, 4, 30, 2, 11, 6]
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=1))  # fills the prefix cache with this prompt
+    run_to_completion(engine)
+    engine.add_request("echo", prompt, SamplingParams(max_tokens=2, prompt_log_probs=True, top_logprobs=3))
+    first, *_ = run_to_completion(engine)["echo"]
+    with torch.inference_mode():
+        expected = torch.log_softmax(tiny_reference(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+    assert len(first.prompt_log_probs) == len(prompt) - 1
+    for position, (log_prob, top) in enumerate(first.prompt_log_probs):
+        assert log_prob == pytest.approx(float(expected[position, prompt[position + 1]]), abs=1e-4)
+        assert [token for token, _ in top] == expected[position].topk(3).indices.tolist()

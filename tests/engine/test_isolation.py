@@ -11,7 +11,7 @@ import torch
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
-from python_backend_utils.engine.sampler import sample
+from python_backend_utils.engine.sampler import sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.sequence import Role
 from python_backend_utils.errors import InvalidRequestError
@@ -73,7 +73,7 @@ def test_rows_that_are_no_distribution_fall_back_to_argmax():
                            [float("nan"), 1.0, 2.0, 0.0],
                            [0.0, 1e30, -1e30, 2.0]])
     params = [SamplingParams(temperature=0.7, top_k=3, seed=1)] * 4
-    tokens, _ = sample(logits, params, [torch.Generator().manual_seed(1) for _ in params])
+    tokens = sample(logits, params, seeded_uniforms([1] * 4, [0] * 4)).tokens
     assert tokens.tolist()[1:] == [1, 0, 1]  # argmax (NaN counts as the largest): no error, a token for every row
     assert 0 <= tokens[0] < 4
 

@@ -155,7 +155,7 @@ MALFORMED = [
     ("/v1/chat/completions", {**CHAT_BODY, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT_BODY, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT_BODY, "temperature": -1}, "temperature"),
-    ("/v1/chat/completions", {**CHAT_BODY, "n": 3}, "n"),
+    ("/v1/chat/completions", {**CHAT_BODY, "n": 17}, "n"),  # more choices than MAX_CHOICES
     ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {**CHAT_BODY, "frobnicate": True}, "frobnicate"),

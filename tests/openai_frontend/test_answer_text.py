@@ -49,3 +49,11 @@ def test_text_that_may_begin_a_stop_string_is_held_back_until_it_cannot(tokenize
     text = AnswerText(tokenizer, [], ["Paris is"])
     assert text.add(tokenizer.encode("Capital: Par", add_special_tokens=False)) == "Capital: "
     assert text.add(tokenizer.encode("rot", add_special_tokens=False)) == "Parrot"
+
+
+@pytest.mark.parametrize("skip, expected", [(True, "Paris"), (False, "Paris<|im_end|>")])
+def test_special_tokens_are_left_out_unless_asked_for(tokenizer, skip, expected):
+    text = AnswerText(tokenizer, tokenizer.encode("Question: "), [], skip_special_tokens=skip)
+    for token in tokenizer.encode("Paris<|im_end|>", add_special_tokens=False):
+        text.add([token])
+    assert text.text == expected

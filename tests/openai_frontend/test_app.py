@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from launcher.ports import free_ports
-from openai_frontend.app import ServedModel, create_app
+from openai_frontend.app import create_app
+from openai_frontend.served_model import ServedModel
 from openai_frontend.triton_client import TritonGenerator
 from python_backend_utils.environment import DEFAULT_MODEL_NAME, default_model_dir
 

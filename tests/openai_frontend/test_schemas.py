@@ -11,16 +11,24 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty"),
-    ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
 ])
 def test_chat_parameters_the_engine_cannot_honour_are_named(extra, param):
     assert ChatCompletionRequest(**CHAT, **extra).unsupported()[0] == param
+
+
+def test_sampling_parameters_the_engine_honours_are_accepted():
+    request = ChatCompletionRequest(**CHAT, n=3, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+                                    logit_bias={"42": 5}, min_p=0.1, top_logprobs=20, logprobs=True)
+    assert request.unsupported() is None and request.logit_bias == {42: 5.0}
+
+
+@pytest.mark.parametrize("extra", [{"n": 0}, {"presence_penalty": 2.5}, {"logit_bias": {"the": 1}}, {"min_p": 2},
+                                   {"top_logprobs": 21, "logprobs": True}, {"repetition_penalty": 0}])
+def test_out_of_range_sampling_parameters_are_refused(extra):
+    with pytest.raises(ValidationError, match=next(iter(extra))):
+        ChatCompletionRequest(**CHAT, **extra)
 
 
 def test_neutral_values_of_those_parameters_are_accepted():
@@ -30,7 +38,7 @@ def test_neutral_values_of_those_parameters_are_accepted():
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"prompt": ["a", "b"]}, "prompt"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
+    ({"prompt": ["a", "b"]}, "prompt"),
     ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
 ])
 def test_completion_parameters_the_engine_cannot_honour_are_named(extra, param):
