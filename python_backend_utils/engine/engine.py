@@ -288,7 +288,7 @@ class LLMEngine:
         if seq.params.guided_decoding is not None:
             # On a generation instance the first token came from the context instance: the
             # grammar is rebuilt here and advanced over it.
-            seq.grammar = self.grammars.matcher(seq.params.guided_decoding)
+            seq.grammar = self.grammars.matcher(seq.params.guided_decoding, seq.params.end_id)
             for token in seq.output_ids:
                 seq.grammar.advance(token)
         if not seq.params.greedy:

@@ -75,8 +75,11 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def matcher(self, guide: GuidedDecoding) -> GrammarMatcher:
-        return GrammarMatcher(xgr.GrammarMatcher(self.compile(guide)))
+    def matcher(self, guide: GuidedDecoding, end_id: int | None = None) -> GrammarMatcher:
+        """A new matcher; `end_id`, the request's end token, is the one a complete grammar allows
+        (the checkpoint's end tokens when None)."""
+        stop = [end_id] if end_id is not None else None
+        return GrammarMatcher(xgr.GrammarMatcher(self.compile(guide), override_stop_tokens=stop))
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         """Built on the first guided request: reading the vocabulary takes about a second, which

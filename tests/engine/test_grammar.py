@@ -68,6 +68,16 @@ def test_a_matcher_advances_with_each_token_and_terminates_on_the_end_token(gram
     assert matcher.terminated
 
 
+def test_a_complete_grammar_allows_only_the_requests_own_end_token(grammars, tokenizer):
+    matcher = grammars.matcher(GuidedDecoding("regex", "(yes|no)"), end_id=5)
+    for token in tokenizer.encode("no", add_special_tokens=False):
+        matcher.advance(token)
+    with pytest.raises(GrammarViolationError):
+        matcher.advance(tokenizer.eos_token_id)
+    matcher.advance(5)
+    assert matcher.terminated
+
+
 def test_a_guide_is_compiled_once(grammars):
     assert grammars.compile(GuidedDecoding("json_schema", json.dumps(SCHEMA))) is grammars.compile(GUIDE)
 
