@@ -181,9 +181,10 @@ class LLMEngine:
                 failed[row] = InvalidRequestError(
                     f"bad_words ban every token of the vocabulary after {seqs[row].num_output_tokens} "
                     "generated tokens: ban fewer words")
-        # min_tokens: the end id cannot be drawn until the answer is long enough.
+        # min_tokens: the end id cannot be drawn until the answer is long enough (unless a grammar
+        # decides: a complete grammar allows nothing but the end id).
         for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
+            if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None and seq.grammar is None:
                 logits[row, seq.params.end_id] = float("-inf")
         apply_grammar_masks(logits, [s.grammar for s in seqs])
         tokens, log_probs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -227,7 +228,8 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool, reason: str | None = None) -> RequestOutput:
         new = seq.output_ids[seq.num_emitted :]
         new_log_probs = seq.output_log_probs[seq.num_emitted :] if seq.params.return_log_probs else []
-        if reason == "stop" and new and not seq.params.ignore_eos and new[-1] == seq.params.end_id:
+        ends_itself = not seq.params.ignore_eos or seq.grammar is not None
+        if reason == "stop" and new and ends_itself and new[-1] == seq.params.end_id:
             new, new_log_probs = new[:-1], new_log_probs[:-1]
         seq.num_emitted = seq.num_output_tokens
         return RequestOutput(

@@ -33,8 +33,8 @@ _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+: (Check failed: \(.*?\) is false
 
 class GrammarViolationError(InvalidRequestError):
     """A token the request's grammar does not allow: every token was banned at once (the grammar
-    and bad_words or min_tokens leave nothing to generate), or a first token that arrived from a
-    context instance under another grammar."""
+    and bad_words leave nothing to generate), or a first token that arrived from a context
+    instance under another grammar."""
 
 
 class Grammars:
@@ -118,8 +118,8 @@ class GrammarMatcher:
     def advance(self, token: int) -> None:
         if not self._matcher.accept_token(token):
             raise GrammarViolationError(
-                f"token {token} breaks the request's grammar: its other settings (bad_words, min_tokens, "
-                "ignore_eos) leave the grammar nothing to generate")
+                f"token {token} is not allowed by the request's grammar at this point (do its bad_words "
+                "ban every token the grammar allows?)")
 
     @property
     def terminated(self) -> bool:

@@ -114,6 +114,15 @@ def test_sampled_answers_validate_against_their_schema(engine, tokenizer):
         jsonschema.validate(json.loads(tokenizer.decode(tokens_of(outputs[f"r{seed}"]))), SCHEMA)
 
 
+def test_a_complete_grammar_ends_the_answer_whatever_min_tokens_and_ignore_eos_say(engine, tokenizer):
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    choice = GuidedDecoding("regex", "(yes|no)")
+    engine.add_request("forced", prompt, SamplingParams(max_tokens=20, min_tokens=20, ignore_eos=True,
+                                                        guided_decoding=choice))
+    [*_, last] = outputs = run_to_completion(engine)["forced"]
+    assert last.finish_reason == "stop" and tokenizer.decode(tokens_of(outputs)) in ("yes", "no")
+
+
 def test_the_generation_role_continues_the_grammar_from_the_context_roles_first_token(engine, tokenizer):
     prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
     engine.add_request("whole", prompt, sampled(7))
