@@ -213,9 +213,10 @@ class LLMEngine:
                     f"bad_words ban every token of the vocabulary after {seqs[row].num_output_tokens} "
                     "generated tokens: ban fewer words")
         apply_penalties(logits, [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs], params)
-        # min_tokens: the end id cannot be drawn until the answer is long enough.
+        # min_tokens: the end id cannot be drawn until the answer is long enough (unless a grammar
+        # decides: a complete grammar allows nothing but the end id).
         for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None:
+            if seq.num_output_tokens < seq.params.min_tokens and seq.params.end_id is not None and seq.grammar is None:
                 logits[row, seq.params.end_id] = float("-inf")
         apply_grammar_masks(logits, [s.grammar for s in seqs])
         picked = sample(logits, params, seeded_uniforms([s.seed for s in seqs], [s.num_output_tokens for s in seqs]))
@@ -263,7 +264,8 @@ class LLMEngine:
         new = seq.output_ids[seq.num_emitted :]
         new_log_probs = seq.output_log_probs[seq.num_emitted :] if seq.params.return_log_probs else []
         new_top = seq.output_top_log_probs[seq.num_emitted :] if seq.params.top_logprobs else []
-        if reason == "stop" and new and not seq.params.ignore_eos and new[-1] == seq.params.end_id:
+        ends_itself = not seq.params.ignore_eos or seq.grammar is not None
+        if reason == "stop" and new and ends_itself and new[-1] == seq.params.end_id:
             new, new_log_probs, new_top = new[:-1], new_log_probs[:-1], new_top[:-1]
         prompt_log_probs = seq.prompt_log_probs if seq.num_emitted == 0 else []
         seq.num_emitted = seq.num_output_tokens
@@ -327,7 +329,7 @@ class LLMEngine:
         if seq.params.guided_decoding is not None:
             # On a generation instance the first token came from the context instance: the
             # grammar is rebuilt here and advanced over it.
-            seq.grammar = self.grammars.matcher(seq.params.guided_decoding)
+            seq.grammar = self.grammars.matcher(seq.params.guided_decoding, seq.params.end_id)
             for token in seq.output_ids:
                 seq.grammar.advance(token)
         if not seq.params.greedy:

@@ -33,8 +33,8 @@ _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+: (Check failed: \(.*?\) is false
 
 class GrammarViolationError(InvalidRequestError):
     """A token the request's grammar does not allow: every token was banned at once (the grammar
-    and bad_words or min_tokens leave nothing to generate), or a first token that arrived from a
-    context instance under another grammar."""
+    and bad_words leave nothing to generate), or a first token that arrived from a context
+    instance under another grammar."""
 
 
 class Grammars:
@@ -75,8 +75,11 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def matcher(self, guide: GuidedDecoding) -> GrammarMatcher:
-        return GrammarMatcher(xgr.GrammarMatcher(self.compile(guide)))
+    def matcher(self, guide: GuidedDecoding, end_id: int | None = None) -> GrammarMatcher:
+        """A new matcher; `end_id`, the request's end token, is the one a complete grammar allows
+        (the checkpoint's end tokens when None)."""
+        stop = [end_id] if end_id is not None else None
+        return GrammarMatcher(xgr.GrammarMatcher(self.compile(guide), override_stop_tokens=stop))
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         """Built on the first guided request: reading the vocabulary takes about a second, which
@@ -115,8 +118,8 @@ class GrammarMatcher:
     def advance(self, token: int) -> None:
         if not self._matcher.accept_token(token):
             raise GrammarViolationError(
-                f"token {token} breaks the request's grammar: its other settings (bad_words, min_tokens, "
-                "ignore_eos) leave the grammar nothing to generate")
+                f"token {token} is not allowed by the request's grammar at this point (do its bad_words "
+                "ban every token the grammar allows?)")
 
     @property
     def terminated(self) -> bool:

@@ -68,6 +68,16 @@ def test_a_matcher_advances_with_each_token_and_terminates_on_the_end_token(gram
     assert matcher.terminated
 
 
+def test_a_complete_grammar_allows_only_the_requests_own_end_token(grammars, tokenizer):
+    matcher = grammars.matcher(GuidedDecoding("regex", "(yes|no)"), end_id=5)
+    for token in tokenizer.encode("no", add_special_tokens=False):
+        matcher.advance(token)
+    with pytest.raises(GrammarViolationError):
+        matcher.advance(tokenizer.eos_token_id)
+    matcher.advance(5)
+    assert matcher.terminated
+
+
 def test_a_guide_is_compiled_once(grammars):
     assert grammars.compile(GuidedDecoding("json_schema", json.dumps(SCHEMA))) is grammars.compile(GUIDE)
 
@@ -102,6 +112,15 @@ def test_sampled_answers_validate_against_their_schema(engine, tokenizer):
     for seed in range(4):
         assert outputs[f"r{seed}"][-1].finish_reason == "stop"
         jsonschema.validate(json.loads(tokenizer.decode(tokens_of(outputs[f"r{seed}"]))), SCHEMA)
+
+
+def test_a_complete_grammar_ends_the_answer_whatever_min_tokens_and_ignore_eos_say(engine, tokenizer):
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    choice = GuidedDecoding("regex", "(yes|no)")
+    engine.add_request("forced", prompt, SamplingParams(max_tokens=20, min_tokens=20, ignore_eos=True,
+                                                        guided_decoding=choice))
+    [*_, last] = outputs = run_to_completion(engine)["forced"]
+    assert last.finish_reason == "stop" and tokenizer.decode(tokens_of(outputs)) in ("yes", "no")
 
 
 def test_the_generation_role_continues_the_grammar_from_the_context_roles_first_token(engine, tokenizer):
