@@ -3,8 +3,8 @@
 SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) only record that a stop was asked. The
 launcher's long waits (a start, the supervisor's watch) poll `check()`, which unwinds them with
 Stopped, and the one stop path then runs to its end whatever arrives meanwhile: a handler that
-raised (sys.exit, KeyboardInterrupt) could land inside that clean-up, e.g. a second SIGTERM, which
-`make` sends on after the terminal's, cut `frontend.stop()` short and skipped `server.stop()`.
+raised (sys.exit, KeyboardInterrupt) could land inside that clean-up: a second SIGTERM (`make`
+passes its own on to the launcher) cut `frontend.stop()` or `server.stop()` short.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import signal
 import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-POLL_INTERVAL_S = 0.1
+POLL_INTERVAL_S = 0.25  # how soon a wait notices a stop signal
 
 
 def never_stop() -> None:

@@ -60,6 +60,6 @@ class Supervisor:
             delay = min(2 * delay, self.policy.max_delay_s)
 
     def _wait_for_exit(self) -> int:
-        while (status := self.server.wait(POLL_INTERVAL_S)) is None:
-            self.stop_signals.check()
-        return status
+        while self.server.running:  # a few wake-ups a second: Popen.wait(timeout) polls every 50 ms
+            self.stop_signals.sleep(POLL_INTERVAL_S)
+        return self.server.wait()
