@@ -22,6 +22,7 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against side channels over OpenAI's network: ignored
 
 
 class SamplingRequest(RequestBody):
@@ -64,12 +65,25 @@ class SamplingRequest(RequestBody):
 class TextPart(RequestBody):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # a hint to OpenAI's prompt cache: ours is automatic
+
+
+class MediaPart(BaseModel):
+    """An image, audio or file part: known, so that it is refused by name (the model reads text only)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
 
 
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | MediaPart]
     name: str | None = None
+
+    def media_part(self) -> tuple[int, str] | None:
+        """(index, type) of the first content part that is not text."""
+        parts = [] if isinstance(self.content, str) else self.content
+        return next(((index, part.type) for index, part in enumerate(parts) if isinstance(part, MediaPart)), None)
 
     def template_data(self) -> dict[str, str]:
         """The message as the chat template reads it: text parts joined into one string."""
@@ -91,11 +105,50 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # OpenAI's parameters that cannot change the answer here: accepted, and ignored.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    # OpenAI's parameters this server cannot honour (a 400 names them), or only in their neutral value.
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def first_media_part(self) -> tuple[str, str] | None:
+        """(parameter, type) of the first content part that is not text."""
+        for index, message in enumerate(self.messages):
+            if (found := message.media_part()) is not None:
+                return f"messages.{index}.content.{found[0]}", found[1]
+        return None
+
+    def unsupported_openai_features(self) -> tuple[str, str] | None:
+        """(parameter, reason) for the first of OpenAI's features this server cannot honour, else None."""
+        if (media := self.first_media_part()) is not None:
+            return media[0], f"{media[1]} content is not supported: the model reads text only"
+        checks = [
+            ("modalities", self.modalities not in (None, ["text"]), "the model answers in text only"),
+            ("audio", self.audio is not None, "the model answers in text only"),
+            ("reasoning_effort", self.reasoning_effort is not None, "the model has no reasoning effort to set"),
+            ("verbosity", self.verbosity is not None, "the model has no verbosity to set: ask in the prompt"),
+            ("web_search_options", self.web_search_options is not None, "this server does not search the web"),
+            ("moderation", self.moderation is not None, "this server runs no moderation model"),
+        ]
+        return next(((name, reason) for name, failed, reason in checks if failed), None)
+
     def unsupported(self) -> tuple[str, str] | None:
+        if (found := self.unsupported_openai_features()) is not None:
+            return found
         checks = [
             ("tools", bool(self.tools), "tool calls are not supported"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tool calls are not supported"),
@@ -112,6 +165,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's and vLLM's default; null: up to the context window
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
