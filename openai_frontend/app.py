@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from openai_frontend.generation import Answer, context_window, generation_params
+from openai_frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestTimer
 from openai_frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -45,7 +47,8 @@ from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 OWNER = "triton-disagg"
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               503: "service_unavailable"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the access log shows it
 T = TypeVar("T")
 
@@ -70,14 +73,19 @@ class ServedModel:
     context_window: int
 
     @classmethod
-    def load(cls, model_dir: Path) -> ServedModel:
-        card = ModelCard(id=model_dir.name, created=int((model_dir / "config.json").stat().st_mtime), owned_by=OWNER)
+    def load(cls, model_dir: Path, served_name: str | None = None) -> ServedModel:
+        """`served_name`: the `model` clients name (default: the checkpoint directory's name)."""
+        card = ModelCard(id=served_name or model_dir.name, created=int((model_dir / "config.json").stat().st_mtime),
+                         owned_by=OWNER)
         return cls(card, load_tokenizer({"model_dir": str(model_dir)}), ChatTemplate.from_checkpoint(model_dir),
                    context_window(model_dir))
 
 
-def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
+def create_app(model: ServedModel, generator: TritonGenerator, api_key: str | None = None) -> FastAPI:
+    """`api_key`: the Bearer token every /v1 request must carry (None: open to all). /health and
+    /metrics stay open, as vLLM's do: probes and Prometheus carry no key."""
     ready_once = False
+    metrics = FrontendMetrics(model.card.id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,6 +98,18 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def authorized(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                error = ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return JSONResponse(error.body().model_dump(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -117,11 +137,11 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             if not ready_once:
                 raise ApiError(503, "the model is not ready yet: retry shortly")
 
-    async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool) -> Answer:
+    async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None, log_probs: bool,
+                    timer: RequestTimer) -> Answer:
         await wait_ready()
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs)
-        answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings())
+        answer = Answer(generator, model.tokenizer, prompt_ids, params, request.stop_strings(), timer)
         await answer.start()
         return answer
 
@@ -130,16 +150,21 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         ready = await generator.ready()
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[model.card])
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest, http: Request) -> Completion | EventSourceResponse | Response:
+        timer = RequestTimer(metrics)
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None, timer)
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
                                            include_usage(request)))
@@ -148,6 +173,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest,
                                http: Request) -> ChatCompletion | EventSourceResponse | Response:
+        timer = RequestTimer(metrics)
         check(request)
         if model.chat_template is None:
             raise ApiError(400, f"the model {model.card.id!r} has no chat template: use /v1/completions",
@@ -158,7 +184,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             raise ApiError(400, str(error), "messages") from None
         # As transformers tokenizes a rendered chat: the template places any special tokens itself.
         prompt_ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        answer = start(request, prompt_ids, request.output_limit(), request.logprobs)
+        answer = start(request, prompt_ids, request.output_limit(), request.logprobs, timer)
         if request.stream:
             return EventSourceResponse(sse(ChatReply(await answer, request, model).chunks(), include_usage(request)))
         return await unless_disconnected(http, whole(lambda done: ChatReply(done, request, model), answer))
