@@ -324,3 +324,26 @@ def test_in_aggregated_mode_the_frontend_answers_as_ensemble_aggregated(triton_s
     finally:
         aggregated.stop()
     assert answer.choices[0].text == generate(triton_server, "ensemble_aggregated", PROMPT, MAX_TOKENS)
+
+
+def test_with_an_api_key_the_api_answers_only_requests_that_carry_it(triton_server, tmp_path):
+    [port] = free_ports(1)
+    guarded = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model="disaggregated_serving_bls",
+                             port=port, host="127.0.0.1", log_file=tmp_path / "frontend.log", api_key="sesame",
+                             served_model_name="my-model")
+    try:
+        guarded.start()  # /health answers without the key: the start waits for it
+        wrong = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="open-please", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.completions.create(model="my-model", prompt=PROMPT, max_tokens=2)
+        assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sesame", max_retries=0)
+        assert [model.id for model in right.models.list().data] == ["my-model"]
+        answer = right.completions.create(model="my-model", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert answer.model == "my-model" and answer.usage.completion_tokens == 2
+        with urllib.request.urlopen(f"{guarded.url}/metrics", timeout=10) as response:  # Prometheus has no key
+            assert 'model_name="my-model"' in response.read().decode()
+    finally:
+        guarded.stop()
