@@ -46,12 +46,13 @@ class GenerateRequest:
     exclude_input_in_output: bool = True
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The inputs as the numpy arrays tritonclient sends (every input has shape [1] or [N])."""
+        """The inputs as the numpy arrays tritonclient sends, in TensorRT-LLM's shapes: a batch
+        dimension of one in front ([1, 1] for a value, [1, N] for the stop words)."""
         values = {
-            "text_input": np.array([self.prompt.encode("utf-8")], dtype=np.object_),
-            "max_tokens": np.array([self.max_tokens], dtype=np.int32),
-            "stream": np.array([self.stream]),
-            "exclude_input_in_output": np.array([self.exclude_input_in_output]),
+            "text_input": np.array([[self.prompt.encode("utf-8")]], dtype=np.object_),
+            "max_tokens": np.array([[self.max_tokens]], dtype=np.int32),
+            "stream": np.array([[self.stream]]),
+            "exclude_input_in_output": np.array([[self.exclude_input_in_output]]),
         }
         optional = {
             "temperature": (self.temperature, np.float32),
@@ -61,16 +62,16 @@ class GenerateRequest:
         }
         for name, (value, dtype) in optional.items():
             if value is not None:
-                values[name] = np.array([value], dtype=dtype)
+                values[name] = np.array([[value]], dtype=dtype)
         if self.stop_words:
-            values["stop_words"] = np.array([word.encode("utf-8") for word in self.stop_words], dtype=np.object_)
+            values["stop_words"] = np.array([[word.encode("utf-8") for word in self.stop_words]], dtype=np.object_)
         return values
 
     def json_body(self) -> dict:
         """The same inputs as a generate-extension JSON body."""
         body = {}
         for name, array in self.arrays().items():
-            values = [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in array]
+            values = [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
             body[name] = values if name == "stop_words" else values[0]
         return body
 
@@ -103,7 +104,7 @@ def generate_grpc(url: str, request: GenerateRequest, model: str = "ensemble",
                 raise GenerateError(str(error))
             text = result.as_numpy("text_output")
             if text is not None:
-                yield text[0].decode("utf-8")
+                yield text.reshape(-1)[0].decode("utf-8")
             if result.get_response().parameters["triton_final_response"].bool_param:
                 finished = True
                 return

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +16,7 @@ from launcher.repository import RenderError, Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 from launcher.stopping import Stopped, StopSignals
 from launcher.supervisor import Supervisor
+from python_backend_utils.environment import API_KEY_ENV
 from python_backend_utils.orchestration.deployment import DeploymentError
 
 # What each mode loads. The orchestrator reaches context and generation through BLS, which
@@ -29,17 +33,31 @@ MODES = {
 }
 
 
+# The commands beside serving (no command): name -> (what it does, the module whose main() runs it).
+COMMANDS = {
+    "plan": ("the best context:generation split for SLOs and a request rate (planner/plan.py); with --live, "
+             "from a running server's metrics (planner/live.py)", "planner.plan"),
+    "study": ("no server: aggregated against every context:generation split through the simulator "
+              "(planner/study.py)", "planner.study_report"),
+    "validate-simulator": ("no server: replays the measured benchmark runs through planner.simulator "
+                           "(planner/validate.py)", "planner.validate"),
+}
+
+
+def version() -> str:
+    return importlib.metadata.version("triton-disagg")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="disagg-serve", description=__doc__,
-        epilog="disagg-serve validate-simulator [--results DIR] [--calibration FILE] [--out-dir DIR]: "
-        "no server; replays the measured benchmark runs through planner.simulator (planner/validate.py). "
-        "disagg-serve plan --slo-ttft-ms MS --slo-tpot-ms MS --workers N --request-rate R [--workload W] [--out FILE]: "
-        "the best context:generation split (planner/plan.py); with --live, from a running server's metrics "
-        "(planner/live.py). "
-        "disagg-serve study [--preset NAME] [--workers 8,16,32,64] ...: no server; aggregated against every "
-        "context:generation split through the simulator (planner/study.py)")
-    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+        prog="disagg-serve", description=__doc__ + " With a command, runs that command instead (its own "
+        "options: disagg-serve COMMAND --help).")
+    commands = parser.add_subparsers(title="commands", metavar="[COMMAND]", dest="command")
+    for name, (text, _) in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY,
+                        help="the Triton model repository to serve (default: %(default)s)")
     parser.add_argument(
         "--deployment",
         type=Path,
@@ -75,11 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "orchestrator / context-server / generation-server: one role of a deployment over several servers "
         "(the orchestrator's deployment file names the others under urls)",
     )
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="the address every port binds to (default: all interfaces); 127.0.0.1: this machine only")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--openai-port", type=int, default=9000,
                         help="port of the OpenAI-compatible API (/v1/chat/completions, ...); 0 turns it off")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model name of the OpenAI API (default: the checkpoint directory's name)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"the OpenAI API answers /v1 requests only with 'Authorization: Bearer KEY', others "
+                        f"a 401 (default: ${API_KEY_ENV}; none: open to all)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     return parser.parse_args(argv)
 
@@ -110,22 +135,11 @@ def banner(server: TritonServer, ensemble: str, frontend: OpenAIFrontend | None 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["validate-simulator"]:  # the planner's check, not a server: see planner/validate.py
-        from planner import validate
-
-        return validate.main(argv[1:])
-    if argv[:1] == ["plan"] and "--live" in argv:  # the live planner: planner/live.py
-        from planner import live
-
-        return live.main([arg for arg in argv[1:] if arg != "--live"])
-    if argv[:1] == ["plan"]:  # the offline planner: planner/plan.py
-        from planner import plan
-
-        return plan.main(argv[1:])
-    if argv[:1] == ["study"]:  # the planner's study at scale, not a server: see planner/study.py
-        from planner import study_report
-
-        return study_report.main(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:  # the command parses its own options
+        module = COMMANDS[argv[0]][1]
+        if argv[0] == "plan" and "--live" in argv:  # the live planner: planner/live.py
+            module, argv = "planner.live", [arg for arg in argv if arg != "--live"]
+        return importlib.import_module(module).main(argv[1:])
     args = parse_args(argv)
     stop_signals = StopSignals()  # before any child exists
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
@@ -148,6 +162,7 @@ def serve(args: argparse.Namespace, repository: Path, stop_signals: StopSignals)
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        host=args.host,
         models=models,
         model_dir=args.model_dir,
         device=args.device,
@@ -157,8 +172,9 @@ def serve(args: argparse.Namespace, repository: Path, stop_signals: StopSignals)
     target = frontend_target(models)
     frontend = None
     if args.openai_port and target is not None:
-        frontend = OpenAIFrontend(triton_grpc_url=server.urls.grpc, triton_model=target,
-                                  port=args.openai_port, model_dir=args.model_dir, check_stop=stop_signals.check)
+        frontend = OpenAIFrontend(triton_grpc_url=server.urls.grpc, triton_model=target, port=args.openai_port,
+                                  model_dir=args.model_dir, host=args.host, served_model_name=args.served_model_name,
+                                  api_key=args.api_key, check_stop=stop_signals.check)
     try:
         server.start()
         if frontend is not None:

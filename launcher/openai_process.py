@@ -7,6 +7,7 @@ the kernel should the launcher die first (launcher/children.py).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from launcher.children import kill_group, spawn
+from launcher.ports import connect_host
 from launcher.stopping import never_stop
-from python_backend_utils.environment import resolve_model_dir
+from python_backend_utils.environment import API_KEY_ENV, resolve_model_dir
 
 # The model the frontend calls, by the ensemble a deployment loads (the ensemble's middle step).
 TARGETS = {"ensemble": "disaggregated_serving_bls", "ensemble_aggregated": "aggregated"}
@@ -36,10 +38,13 @@ def frontend_target(models: Sequence[str]) -> str | None:
 class OpenAIFrontend:
     def __init__(self, *, triton_grpc_url: str, triton_model: str, port: int, model_dir: str | None = None,
                  host: str = "0.0.0.0", log_file: Path | None = None, ready_timeout_s: float = 60.0,
-                 stop_timeout_s: float = 10.0, check_stop: Callable[[], None] = never_stop) -> None:
-        """`check_stop` is called between health polls: what it raises abandons the start, and
-        stop() then cleans up."""
+                 stop_timeout_s: float = 10.0, served_model_name: str | None = None, api_key: str | None = None,
+                 check_stop: Callable[[], None] = never_stop) -> None:
+        """`served_model_name`: the `model` clients name; `api_key`: the Bearer token /v1 requires.
+        `check_stop` is called between health polls: what it raises abandons the start, and stop()
+        then cleans up."""
         self.port = port
+        self.host = host
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.check_stop = check_stop
@@ -49,23 +54,27 @@ class OpenAIFrontend:
         self.model_dir = model_dir
         if model_dir:
             self.command += ["--model-dir", model_dir]
+        self.served_model_name = served_model_name
+        if served_model_name:
+            self.command += ["--served-model-name", served_model_name]
+        self.environment = {**os.environ, API_KEY_ENV: api_key or ""}
         self._process: subprocess.Popen | None = None
         self._terminated_at: float | None = None
 
     @property
     def url(self) -> str:
-        return f"http://localhost:{self.port}"
+        return f"http://{connect_host(self.host)}:{self.port}"
 
     @property
     def model_id(self) -> str:
-        """The `model` requests name: the checkpoint directory's name."""
-        return resolve_model_dir(self.model_dir).name
+        """The `model` requests name: the served name, else the checkpoint directory's name."""
+        return self.served_model_name or resolve_model_dir(self.model_dir).name
 
     def start(self) -> None:
         output = open(self.log_file, "ab") if self.log_file is not None else None
         try:
             self._terminated_at = None
-            self._process = spawn(self.command, stdin=subprocess.DEVNULL, stdout=output,
+            self._process = spawn(self.command, env=self.environment, stdin=subprocess.DEVNULL, stdout=output,
                                   stderr=subprocess.STDOUT if output else None)
         finally:
             if output is not None:

@@ -1,4 +1,4 @@
-"""Free TCP ports for servers started by tests and benchmarks."""
+"""Free TCP ports for servers started by tests and benchmarks, and the address a local client uses."""
 
 from __future__ import annotations
 
@@ -24,3 +24,8 @@ def free_server_ports() -> dict[str, int]:
     """`http_port`, `grpc_port` and `metrics_port` for a TritonServer, all distinct."""
     http, grpc, metrics = free_ports(3)
     return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+
+
+def connect_host(bind_host: str) -> str:
+    """Where a local client reaches a server bound to `bind_host` (all interfaces: the loopback)."""
+    return "localhost" if bind_host in ("", "0.0.0.0", "::") else bind_host

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.children import kill_group, spawn
+from launcher.ports import connect_host
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.stopping import never_stop
 from python_backend_utils.environment import DEVICE_ENV, KEY_FILE_ENV, MODEL_DIR_ENV
@@ -100,6 +101,7 @@ class TritonServer:
         http_port: int = 8000,
         grpc_port: int = 8001,
         metrics_port: int = 8002,
+        host: str = "0.0.0.0",
         models: Sequence[str] = (),
         model_dir: str | None = None,
         device: str | None = None,
@@ -114,6 +116,7 @@ class TritonServer:
         (launcher.stopping.Stopped) abandons the start, and stop() then cleans up."""
         self.model_repository = Path(model_repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host  # the address all three ports bind to
         self.models = tuple(models)
         self.model_dir = model_dir
         self.device = device
@@ -128,10 +131,11 @@ class TritonServer:
 
     @property
     def urls(self) -> ServerUrls:
+        host = connect_host(self.host)
         return ServerUrls(
-            http=f"localhost:{self.http_port}",
-            grpc=f"localhost:{self.grpc_port}",
-            metrics=f"localhost:{self.metrics_port}",
+            http=f"{host}:{self.http_port}",
+            grpc=f"{host}:{self.grpc_port}",
+            metrics=f"{host}:{self.metrics_port}",
         )
 
     @property
@@ -205,6 +209,9 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
             "--disable-auto-complete-config",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
             # <api>:<header>=<value>; 2.51's --help says "<apis>,<key>=<value>", which it refuses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import uvicorn
@@ -10,7 +11,7 @@ import uvicorn
 from openai_frontend.app import create_app
 from openai_frontend.served_model import ServedModel
 from openai_frontend.triton_client import TritonGenerator
-from python_backend_utils.environment import CheckpointNotFoundError, resolve_model_dir
+from python_backend_utils.environment import API_KEY_ENV, CheckpointNotFoundError, resolve_model_dir
 
 DEFAULT_PORT = 9000  # Triton's own OpenAI frontend's
 
@@ -21,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--triton-model", default="disaggregated_serving_bls",
                         help="the ensemble's middle step to call: disaggregated_serving_bls, or aggregated")
     parser.add_argument("--model-dir", help="the checkpoint the server runs (default: as the server resolves it)")
+    parser.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint's name)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     return parser.parse_args(argv)
@@ -29,11 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = ServedModel.load(resolve_model_dir(args.model_dir))
+        model = ServedModel.load(resolve_model_dir(args.model_dir), args.served_model_name)
     except CheckpointNotFoundError as error:
         print(f"openai_frontend: {error}", file=sys.stderr)
         return 2
-    app = create_app(model, TritonGenerator(args.triton_url, args.triton_model))
+    app = create_app(model, TritonGenerator(args.triton_url, args.triton_model), os.environ.get(API_KEY_ENV) or None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from openai_frontend.generation import Answer, generation_params
 from openai_frontend.guided import Guide, GuideError, requested_guide
+from openai_frontend.metrics import CONTENT_TYPE, FrontendMetrics, RequestTimer
 from openai_frontend.replies import ChatReply, CompletionReply, all_of
 from openai_frontend.schemas import (
     ChatCompletion,
@@ -34,7 +36,8 @@ from openai_frontend.tools import ToolCalling, fallback_messages
 from openai_frontend.triton_client import GenerationError, GenerationParams, TritonGenerator
 
 logger = logging.getLogger(__name__)
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               503: "service_unavailable"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the access log shows it
 T = TypeVar("T")
 
@@ -49,8 +52,11 @@ class ApiError(Exception):
                                            param=self.param, code=self.code))
 
 
-def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
+def create_app(model: ServedModel, generator: TritonGenerator, api_key: str | None = None) -> FastAPI:
+    """`api_key`: the Bearer token every /v1 request must carry (None: open to all). /health and
+    /metrics stay open, as vLLM's do: probes and Prometheus carry no key."""
     ready_once = False
+    metrics = FrontendMetrics(model.card.id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,6 +69,18 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def authorized(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                error = ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return JSONResponse(error.body().model_dump(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -97,16 +115,17 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
             raise ApiError(400, str(error), error.param) from None
 
     async def start(request: SamplingRequest, prompt_ids: list[int], output_limit: int | None,
-                    log_probs: bool, top_logprobs: int, guide: Guide | None,
+                    log_probs: bool, top_logprobs: int, guide: Guide | None, timers: list[RequestTimer],
                     prompt_log_probs: bool = False) -> list[Answer]:
-        """The request's n answers, each started. The first one's prefill fills the prefix cache
-        before the others are sent, so theirs reuse its KV blocks: the prompt is computed once."""
+        """The request's n answers (one timer each), each started. The first one's prefill fills the
+        prefix cache before the others are sent, so theirs reuse its KV blocks: the prompt is computed once."""
         await wait_ready()
         params = generation_params(request, output_limit, len(prompt_ids), model.context_window, log_probs,
                                    top_logprobs, prompt_log_probs)
         params = dataclasses.replace(params, guide=guide)
         answers = [Answer(generator, model.tokenizer, prompt_ids, choice_params(params, index),
-                          request.stop_strings(), request.skip_special_tokens) for index in range(request.n)]
+                          request.stop_strings(), timer, request.skip_special_tokens)
+                   for index, timer in enumerate(timers)]
         try:
             await answers[0].start()
             await all_of([answer.start() for answer in answers[1:]])
@@ -120,17 +139,22 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         ready = await generator.ready()
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[model.card])
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest, http: Request) -> Completion | EventSourceResponse | Response:
+        timers = [RequestTimer(metrics) for _ in range(request.n)]
         check(request)
         prompt_ids = model.tokenizer.encode(request.text_prompt()) if request.text_prompt() is not None \
             else list(request.prompt)
         answer = start(request, prompt_ids, request.output_limit(), request.logprobs is not None,
-                       request.logprobs or 0, guide_of(request),
+                       request.logprobs or 0, guide_of(request), timers,
                        prompt_log_probs=request.echo and request.logprobs is not None)
         if request.stream:
             return EventSourceResponse(sse(CompletionReply(await answer, request, model).chunks(),
@@ -140,6 +164,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest,
                                http: Request) -> ChatCompletion | EventSourceResponse | Response:
+        timers = [RequestTimer(metrics) for _ in range(request.n)]
         check(request)
         if model.chat_template is None:
             raise ApiError(400, f"the model {model.card.id!r} has no chat template: use /v1/completions",
@@ -153,7 +178,7 @@ def create_app(model: ServedModel, generator: TritonGenerator) -> FastAPI:
         prompt_ids = model.tokenizer.encode(render_chat(model.chat_template, request, calling),
                                             add_special_tokens=False)
         answer = start(request, prompt_ids, request.output_limit(), request.logprobs,
-                       (request.top_logprobs or 0) if request.logprobs else 0, guide)
+                       (request.top_logprobs or 0) if request.logprobs else 0, guide, timers)
         if request.stream:
             return EventSourceResponse(sse(ChatReply(await answer, request, model, calling).chunks(),
                                            include_usage(request)))

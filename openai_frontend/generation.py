@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from openai_frontend.metrics import RequestTimer
 from openai_frontend.schemas import SamplingRequest, Usage
 from openai_frontend.text import AnswerText
 from openai_frontend.triton_client import GenerationParams, TokenChunk, TritonGenerator
@@ -48,30 +49,40 @@ class Answer:
     engine refuses fails before any response is sent; `pieces()` yields the rest."""
 
     def __init__(self, generator: TritonGenerator, tokenizer: TextTokenizer, prompt_ids: list[int],
-                 params: GenerationParams, stops: list[str], skip_special_tokens: bool = True) -> None:
+                 params: GenerationParams, stops: list[str], timer: RequestTimer,
+                 skip_special_tokens: bool = True) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self._timer = timer
         self.text = AnswerText(tokenizer, prompt_ids, stops, skip_special_tokens)
         self._chunks = generator.generate(prompt_ids, params)
         self._first: TokenChunk | None = None
 
     async def start(self) -> None:
+        self._timer.dispatched(len(self.prompt_ids))
         try:
             self._first = await anext(self._chunks)
+            self._timer.chunk(len(self._first.token_ids))
         except StopAsyncIteration:
             self._first = None
         except BaseException:
+            self._timer.ended(None)
             await self._chunks.aclose()
             raise
 
     async def pieces(self) -> AsyncIterator[Piece]:
+        complete = False
         try:
             chunk = self._first
             while chunk is not None and not self.text.stopped:
                 yield Piece(self.text.add(chunk.token_ids), chunk.token_ids, chunk.log_probs, chunk.top_log_probs)
                 chunk = await anext(self._chunks, None) if not self.text.stopped else None
+                if chunk is not None:
+                    self._timer.chunk(len(chunk.token_ids))
+            complete = True
         finally:
             await self._chunks.aclose()  # after a stop string: cancels the rest of the generation
+            self._timer.ended(self.finish_reason if complete else None)
         if tail := self.text.finish():
             yield Piece(tail)
 

@@ -24,6 +24,7 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against side channels over OpenAI's network: ignored
 
 
 class StructuredOutputs(RequestBody):
@@ -77,6 +78,14 @@ class SamplingRequest(RequestBody):
 class TextPart(RequestBody):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # a hint to OpenAI's prompt cache: ours is automatic
+
+
+class MediaPart(BaseModel):
+    """An image, audio or file part: known, so that it is refused by name (the model reads text only)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
 
 
 class FunctionCall(RequestBody):
@@ -92,7 +101,7 @@ class ToolCall(RequestBody):
 
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | MediaPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this answers
@@ -102,6 +111,11 @@ class ChatMessage(RequestBody):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError("content is required, except in an assistant message with tool_calls")
         return self
+
+    def media_part(self) -> tuple[int, str] | None:
+        """(index, type) of the first content part that is not text."""
+        parts = self.content if isinstance(self.content, list) else []
+        return next(((index, part.type) for index, part in enumerate(parts) if isinstance(part, MediaPart)), None)
 
     def template_data(self) -> dict[str, Any]:
         """The message as the chat template reads it: text parts joined into one string; tool calls
@@ -176,11 +190,50 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's parameters that cannot change the answer here: accepted, and ignored.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    # OpenAI's parameters this server cannot honour (a 400 names them), or only in their neutral value.
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def first_media_part(self) -> tuple[str, str] | None:
+        """(parameter, type) of the first content part that is not text."""
+        for index, message in enumerate(self.messages):
+            if (found := message.media_part()) is not None:
+                return f"messages.{index}.content.{found[0]}", found[1]
+        return None
+
+    def unsupported_openai_features(self) -> tuple[str, str] | None:
+        """(parameter, reason) for the first of OpenAI's features this server cannot honour, else None."""
+        if (media := self.first_media_part()) is not None:
+            return media[0], f"{media[1]} content is not supported: the model reads text only"
+        checks = [
+            ("modalities", self.modalities not in (None, ["text"]), "the model answers in text only"),
+            ("audio", self.audio is not None, "the model answers in text only"),
+            ("reasoning_effort", self.reasoning_effort is not None, "the model has no reasoning effort to set"),
+            ("verbosity", self.verbosity is not None, "the model has no verbosity to set: ask in the prompt"),
+            ("web_search_options", self.web_search_options is not None, "this server does not search the web"),
+            ("moderation", self.moderation is not None, "this server runs no moderation model"),
+        ]
+        return next(((name, reason) for name, failed, reason in checks if failed), None)
+
     def unsupported(self) -> tuple[str, str] | None:
+        if (found := self.unsupported_openai_features()) is not None:
+            return found
         checks = [
             ("tool_choice", self.tool_choice not in (None, "none") and not self.tools,
              "tool_choice needs tools to choose from"),
@@ -195,6 +248,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's and vLLM's default; null: up to the context window
     logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's limit is 5, vLLM's 20
     echo: bool = False
     best_of: int | None = None
@@ -220,7 +274,6 @@ class CompletionRequest(SamplingRequest):
         return found or super().unsupported()
 
 
-# ----------------------------------------------------------------- responses
 def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

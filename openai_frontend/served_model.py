@@ -23,7 +23,9 @@ class ServedModel:
     context_window: int
 
     @classmethod
-    def load(cls, model_dir: Path) -> ServedModel:
-        card = ModelCard(id=model_dir.name, created=int((model_dir / "config.json").stat().st_mtime), owned_by=OWNER)
+    def load(cls, model_dir: Path, served_name: str | None = None) -> ServedModel:
+        """`served_name`: the `model` clients name (default: the checkpoint directory's name)."""
+        card = ModelCard(id=served_name or model_dir.name, created=int((model_dir / "config.json").stat().st_mtime),
+                         owned_by=OWNER)
         return cls(card, load_tokenizer({"model_dir": str(model_dir)}), ChatTemplate.from_checkpoint(model_dir),
                    default_window(model_config(model_dir)))

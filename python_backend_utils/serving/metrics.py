@@ -1,14 +1,19 @@
 """Publishing our numbers through Triton's custom metrics API (served on the metrics port).
 
-Values are published as gauges set to their current value (totals included), so a snapshot
-taken anywhere (engine stats, kv_transfer counters, orchestrator counters) maps onto them directly.
+Values are published from snapshots taken anywhere (engine stats, kv_transfer counters,
+orchestrator counters): the totals in COUNTERS as Prometheus counters, raised by what the total
+grew since the last snapshot (so `rate()` and `increase()` work on them), everything else as a
+gauge set to its current value.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import triton_python_backend_utils as pb_utils
+
+from python_backend_utils.serving.metric_names import COUNTERS
 
 
 def _keep_for_the_process(metric) -> None:
@@ -22,89 +27,63 @@ def _keep_for_the_process(metric) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(metric))
 
 
-class GaugeSet:
-    """One gauge family per name, labelled with this model instance; `publish` sets them all."""
+def _family(name: str, description: str, counter: bool):
+    kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
+    family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+    _keep_for_the_process(family)  # it also outlives its metrics, or setting them fails
+    return family
+
+
+class _Published:
+    """One metric of a family: a gauge is set to the value, a counter raised by the value's growth.
+
+    A counter's Triton-side value lives as long as the server, across this instance's reloads:
+    each instance adds what its own totals grew, from 0."""
+
+    def __init__(self, family, labels: dict[str, str], counter: bool) -> None:
+        self._metric = family.Metric(labels=labels)
+        _keep_for_the_process(self._metric)
+        self._counter = counter
+        self._last = 0.0
+
+    def publish(self, value: float) -> None:
+        if not self._counter:
+            self._metric.set(value)
+            return
+        if value > self._last:
+            self._metric.increment(value - self._last)
+        self._last = value  # a total that went back (its source restarted) counts on from there
+
+
+class MetricSet:
+    """One family per name, labelled with this model instance; `publish` updates them all from a snapshot."""
 
     def __init__(self, prefix: str, descriptions: dict[str, str], labels: dict[str, str]) -> None:
-        self._gauges = {}
-        for name, description in descriptions.items():
-            family = pb_utils.MetricFamily(name=f"{prefix}_{name}", description=description,
-                                           kind=pb_utils.MetricFamily.GAUGE)
-            _keep_for_the_process(family)  # it also outlives its gauges, or setting them fails
-            self._gauges[name] = family.Metric(labels=labels)
-            _keep_for_the_process(self._gauges[name])
+        self._metrics = {name: _Published(_family(f"{prefix}_{name}", description, name in COUNTERS), labels,
+                                          name in COUNTERS) for name, description in descriptions.items()}
+        self._lock = threading.Lock()  # snapshots come from `execute` and from background threads
 
     def publish(self, values: dict[str, float]) -> None:
-        for name, gauge in self._gauges.items():
-            if name in values:
-                gauge.set(float(values[name]))
+        with self._lock:
+            for name, metric in self._metrics.items():
+                if name in values:
+                    metric.publish(float(values[name]))
 
 
-class LabelledGauges:
-    """One gauge family whose label sets appear at runtime (e.g. one per routed target)."""
+class LabelledMetrics:
+    """One family whose label sets appear at runtime (e.g. one per routed target)."""
 
     def __init__(self, name: str, description: str, labels: dict[str, str]) -> None:
-        self._family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
-        _keep_for_the_process(self._family)
+        self._counter = name in COUNTERS
+        self._family = _family(name, description, self._counter)
         self._labels = labels
-        self._gauges: dict[tuple[tuple[str, str], ...], object] = {}
+        self._metrics: dict[tuple[tuple[str, str], ...], _Published] = {}
+        self._lock = threading.Lock()
 
     def set(self, labels: dict[str, str], value: float) -> None:
         key = tuple(sorted(labels.items()))
-        gauge = self._gauges.get(key)
-        if gauge is None:
-            gauge = self._gauges[key] = self._family.Metric(labels={**self._labels, **labels})
-            _keep_for_the_process(gauge)
-        gauge.set(float(value))
-
-
-ENGINE_METRICS = {
-    "kv_blocks_total": "KV blocks in this instance's pool",
-    "kv_blocks_free": "KV blocks on the free list",
-    "kv_blocks_used": "KV blocks held by sequences (running, waiting for KV, or kept for a pull)",
-    "sequences_running": "sequences in the running batch",
-    "sequences_waiting": "sequences queued for blocks",
-    "sequences_awaiting_kv": "generation-only sequences whose KV is being pulled",
-    "sequences_kv_held": "context-only sequences whose KV waits for its pull",
-    "preemptions_total": "sequences preempted for lack of blocks (recomputed later)",
-    "kv_pull_fallbacks_total": "generation-only requests whose pull failed and were prefilled here",
-    "prefix_cache_hit_tokens_total": "prompt tokens whose KV was reused from the prefix cache",
-}
-
-TRANSFER_METRICS = {
-    "kv_bytes_received_total": "KV bytes pulled into this instance",
-    "kv_bytes_sent_total": "KV bytes served from this instance",
-    "kv_pulls_completed_total": "KV pulls completed",
-    "kv_pulls_failed_total": "KV pulls that failed",
-    "kv_pulls_in_flight": "KV pulls in progress",
-    "kv_pulls_refused_total": "pull requests refused (wrong secret, unknown or expired handle)",
-    "kv_unauthenticated_messages_total": "KV control messages dropped for lacking a valid deployment-key MAC",
-    "kv_handles_expired_total": "published KV released unpulled at its time-to-live",
-    "kv_handles_abandoned_total": "published KV released when its puller gave up after a failed pull",
-    "kv_pinned_blocks": "KV blocks pinned for a pull",
-    "kv_pull_seconds_total": "time spent in completed pulls",
-}
-
-ORCHESTRATOR_METRICS = {
-    "requests_total": "requests received by the orchestrator",
-    "disaggregated_total": "requests served by a context and a generation instance",
-    "local_prefill_total": "short prompts sent straight to a generation instance",
-    "context_retries_total": "context calls retried on another context instance",
-    "context_fallbacks_total": "requests prefilled on the generation instance after context failures",
-    "cancelled_total": "requests cancelled by the client",
-    "context_phase_seconds_total": "time from request to first token, summed (divide by disaggregated_total)",
-    "generation_phase_seconds_total": "time from first to last token, summed",
-    "output_tokens_total": "tokens sent to clients",
-    "input_tokens_total": "prompt tokens received",
-    "stub_reloads_total": "instances on this server reloaded after their stub process died",
-    "requests_in_flight": "requests holding a place under max_requests_in_flight",
-    "requests_lingering": "answered requests still holding their place: a worker read that timed out has not returned",
-    "rejected_total": "requests refused with UNAVAILABLE because max_requests_in_flight were in flight",
-}
-
-ROUTER_METRICS = {
-    "disagg_router_targets": "1 for each instance in a router's rotation, by group, target and health "
-    "(healthy=\"false\": out of rotation until a health check passes); 0 once removed from the deployment",
-    "disagg_router_in_flight": "requests the orchestrator has in flight on each instance (a removed one drains to 0)",
-    "disagg_router_decisions_total": "requests routed to each instance",
-}
+        with self._lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                metric = self._metrics[key] = _Published(self._family, {**self._labels, **labels}, self._counter)
+            metric.publish(float(value))

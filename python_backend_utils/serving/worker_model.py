@@ -36,7 +36,8 @@ from python_backend_utils.serving.context_params import (
     load_deployment_key,
 )
 from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
-from python_backend_utils.serving.metrics import ENGINE_METRICS, TRANSFER_METRICS, GaugeSet
+from python_backend_utils.serving.metric_names import ENGINE_METRICS, PARAMS_METRICS, TRANSFER_METRICS
+from python_backend_utils.serving.metrics import MetricSet
 from python_backend_utils.serving.placement import pin_instance
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
 from python_backend_utils.serving.server_watch import exit_with_server
@@ -49,10 +50,6 @@ from python_backend_utils.serving.triton_io import (
     request_inputs,
     top_log_prob_tensors,
 )
-
-PARAMS_METRICS = {
-    "context_params_rejected_total": "context_phase_params refused as malformed or failing authentication",
-}
 
 
 class ResponseStream:
@@ -105,7 +102,7 @@ class LLMModel:
         labels = {"model": args["model_name"], "version": args["model_version"]}
         descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
                         **(PARAMS_METRICS if self.role == "generation" else {})}
-        self.gauges = GaugeSet("disagg", published(descriptions, detailed_metrics(parameters)), labels)
+        self.gauges = MetricSet("disagg", published(descriptions, detailed_metrics(parameters)), labels)
         self.loop = EngineLoop(engine, on_tick=self._publish_metrics, on_death=exit_stub)
         self.loop.start()
         self._by_triton_id: dict[str, str] = {}  # Triton request id -> engine request id, for `stop`

@@ -70,8 +70,10 @@ def assert_still_serves(url: str) -> None:
 
 
 def ensemble_inputs(**change) -> dict[str, np.ndarray]:
-    """A good ensemble request with `change` applied (None removes an input)."""
-    arrays = {**GenerateRequest(PROMPT, max_tokens=4).arrays(), **change}
+    """A good ensemble request with `change` applied (None removes an input), each changed value
+    given the batch dimension of one that every ensemble input has."""
+    batched = {name: None if value is None else value[np.newaxis] for name, value in change.items()}
+    arrays = {**GenerateRequest(PROMPT, max_tokens=4).arrays(), **batched}
     return {name: value for name, value in arrays.items() if value is not None}
 
 
@@ -133,7 +135,7 @@ ENSEMBLE_CASES = {
     "wrong-dtype-seed": ({"random_seed": np.array([-1], dtype=np.int64)}, "'random_seed' data-type is 'INT64', but model 'ensemble' expects 'UINT64'"),
     "wrong-dtype-stream": ({"stream": i32(1)}, "'stream' data-type is 'INT32', but model 'ensemble' expects 'BOOL'"),
     "wrong-shape-text": ({"text_input": text(b"a", b"b")}, "unexpected shape for input 'text_input'"),
-    "wrong-rank-text": ({"text_input": np.array([[b"a"]], dtype=np.object_)}, "unexpected shape for input 'text_input' for model 'ensemble'. Expected [1], got [1,1]"),
+    "wrong-rank-text": ({"text_input": np.array([[b"a"]], dtype=np.object_)}, "unexpected shape for input 'text_input' for model 'ensemble'. Expected [-1,1], got [1,1,1]"),
     "wrong-shape-max-tokens": ({"max_tokens": i32(4, 4)}, "unexpected shape for input 'max_tokens'"),
     "unknown-input-beam-width": ({"beam_width": i32(2)}, "unexpected inference input 'beam_width' for model 'ensemble'"),
     "params-sent-to-ensemble": ({"context_phase_params": np.zeros(64, np.uint8)}, "unexpected inference input 'context_phase_params'"),
@@ -143,6 +145,14 @@ ENSEMBLE_CASES = {
 @pytest.mark.parametrize(("change", "message"), ENSEMBLE_CASES.values(), ids=ENSEMBLE_CASES.keys())
 def test_bad_ensemble_request_gets_a_clear_error(triton_server, change, message):
     assert message in error_of(triton_server.urls.grpc, "ensemble", ensemble_inputs(**change))
+    assert_still_serves(triton_server.urls.grpc)
+
+
+def test_an_unbatched_request_is_refused_with_the_shape_expected(triton_server):
+    """[1] inputs: Triton checks a batching model's shapes itself, so no model can take both ranks."""
+    unbatched = {name: array.reshape(-1) for name, array in GenerateRequest(PROMPT, max_tokens=4).arrays().items()}
+    message = error_of(triton_server.urls.grpc, "ensemble", unbatched)
+    assert "Expected [-1,1], got [1]" in message
     assert_still_serves(triton_server.urls.grpc)
 
 

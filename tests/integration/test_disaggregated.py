@@ -62,7 +62,7 @@ def test_bad_input_through_the_orchestrator_is_the_clients_error(triton_server):
 
 def test_log_probs_match_between_paths(triton_server):
     request = GenerateRequest(PROMPTS[1], max_tokens=6, stream=False)
-    arrays = {**request.arrays(), "return_log_probs": np.array([True])}
+    arrays = {**request.arrays(), "return_log_probs": np.array([[True]])}
     [disaggregated] = stream_results(triton_server.urls.grpc, "ensemble", infer_inputs(arrays))
     [aggregated] = stream_results(triton_server.urls.grpc, "ensemble_aggregated", infer_inputs(arrays))
     np.testing.assert_allclose(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,14 +35,15 @@ def test_http_infer(triton_server):
     client = httpclient.InferenceServerClient(triton_server.urls.http)
     arrays = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS, exclude_input_in_output=False).arrays()
     result = client.infer("ensemble_unary", infer_inputs(arrays, protocol=httpclient))
-    text = result.as_numpy("text_output")[0].decode()
+    assert result.as_numpy("text_output").shape == (1, 1)
+    text = result.as_numpy("text_output")[0, 0].decode()
     assert text.startswith(PROMPT) and "Paris" in text
 
 
 def test_grpc_infer(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.urls.grpc)
     result = client.infer("ensemble_unary", infer_inputs(GenerateRequest(PROMPT, max_tokens=MAX_TOKENS).arrays()))
-    assert "Paris" in result.as_numpy("text_output")[0].decode()
+    assert "Paris" in result.as_numpy("text_output")[0, 0].decode()
 
 
 def test_unary_model_refuses_to_stream(triton_server):
@@ -52,18 +55,74 @@ def test_unary_model_refuses_to_stream(triton_server):
 def test_grpc_streaming_sends_one_response_per_token_and_the_same_text(triton_server):
     url = triton_server.urls.grpc
     streamed = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS, stream=True)
-    results = stream_results(url, "ensemble", infer_inputs({**streamed.arrays(), "return_log_probs": np.array([True])}))
+    results = stream_results(url, "ensemble", infer_inputs({**streamed.arrays(), "return_log_probs": np.array([[True]])}))
     assert len(results) == MAX_TOKENS
-    assert all(r.as_numpy("output_log_probs").shape == (1,) for r in results)
-    streamed_text = "".join(r.as_numpy("text_output")[0].decode() for r in results)
+    assert all(r.as_numpy("output_log_probs").shape == (1, 1, 1) for r in results)
+    streamed_text = "".join(r.as_numpy("text_output")[0, 0].decode() for r in results)
 
     whole = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS)
-    [result] = stream_results(url, "ensemble", infer_inputs({**whole.arrays(), "return_log_probs": np.array([True])}))
-    assert result.as_numpy("text_output")[0].decode() == streamed_text
-    log_probs = np.concatenate([r.as_numpy("output_log_probs") for r in results])
-    np.testing.assert_allclose(result.as_numpy("output_log_probs"), log_probs, rtol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("cum_log_probs"), [log_probs.sum()], rtol=1e-5)
+    [result] = stream_results(url, "ensemble", infer_inputs({**whole.arrays(), "return_log_probs": np.array([[True]])}))
+    assert result.as_numpy("text_output")[0, 0].decode() == streamed_text
+    log_probs = np.concatenate([r.as_numpy("output_log_probs").reshape(-1) for r in results])
+    np.testing.assert_allclose(result.as_numpy("output_log_probs"), [[log_probs]], rtol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("cum_log_probs"), [[log_probs.sum()]], rtol=1e-5)
     assert (log_probs <= 0).all()
+
+
+def tensorrt_llm_inputs(protocol, prompt: str, max_tokens: int, stream: bool) -> list:
+    """A request as TensorRT-LLM's own clients build it: every input [1, 1] (batch, value)."""
+    arrays = {"text_input": np.array([[prompt.encode()]], dtype=np.object_),
+              "max_tokens": np.array([[max_tokens]], dtype=np.int32), "stream": np.array([[stream]]),
+              "exclude_input_in_output": np.array([[True]]), "return_log_probs": np.array([[True]])}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = protocol.InferInput(name, [1, 1], {np.object_: "BYTES", np.int32: "INT32", np.bool_: "BOOL"}[
+            array.dtype.type])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.mark.parametrize("model", ["ensemble", "ensemble_aggregated"])
+def test_a_tensorrt_llm_batched_request_streams_the_text_of_the_generate_endpoint(triton_server, model):
+    """TensorRT-LLM's [1, 1] inputs over gRPC streaming give its output shapes ([batch, beam] text,
+    [batch, beam, tokens] log-probs) and the same text as the generate endpoints (no shapes: HTTP)."""
+    results = stream_results(triton_server.urls.grpc, model, tensorrt_llm_inputs(grpcclient, PROMPT, MAX_TOKENS, True))
+    assert len(results) == MAX_TOKENS
+    assert all(r.as_numpy("text_output").shape == (1, 1) and r.as_numpy("output_log_probs").shape == (1, 1, 1)
+               and r.as_numpy("cum_log_probs").shape == (1, 1) for r in results)
+    streamed = "".join(r.as_numpy("text_output")[0, 0].decode() for r in results)
+    http_stream = generate_http(triton_server.urls.http, GenerateRequest(PROMPT, max_tokens=MAX_TOKENS, stream=True),
+                                model=model)
+    assert "".join(http_stream) == streamed
+    answer = json.loads(post_json(f"http://{triton_server.urls.http}/v2/models/{model}/generate",
+                                  {"text_input": PROMPT, "max_tokens": MAX_TOKENS, "exclude_input_in_output": True}))
+    assert answer["text_output"] == streamed
+
+
+def test_a_tensorrt_llm_batched_unary_request_over_http_gets_the_same_text(triton_server):
+    client = httpclient.InferenceServerClient(triton_server.urls.http)
+    result = client.infer("ensemble_unary", tensorrt_llm_inputs(httpclient, PROMPT, MAX_TOKENS, False))
+    streamed = stream_results(triton_server.urls.grpc, "ensemble",
+                              tensorrt_llm_inputs(grpcclient, PROMPT, MAX_TOKENS, True))
+    assert result.as_numpy("text_output").shape == (1, 1) and result.as_numpy("output_log_probs").shape == (1, 1, 16)
+    assert result.as_numpy("text_output")[0, 0].decode() == "".join(
+        r.as_numpy("text_output")[0, 0].decode() for r in streamed)
+
+
+def test_perf_analyzer_drives_the_batched_ensemble_with_the_shipped_inputs(triton_server, tmp_path):
+    """perf_analyzer adds the batch dimension itself, so client/data/perf_inputs.json (one value per
+    input, no shapes) still drives `ensemble`: its first prompt, with fewer tokens out to be quick."""
+    shipped = json.loads((Path(__file__).resolve().parents[2] / "client" / "data" / "perf_inputs.json").read_text())
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"data": [{**shipped["data"][0], "max_tokens": [4]}]}))
+    run = subprocess.run(
+        [sys.executable, "-m", "launcher.perf_analyzer", "-m", "ensemble", "-u", triton_server.urls.grpc, "-i", "grpc",
+         "--streaming", "--input-data", str(inputs), "--concurrency-range", "1:1", "--measurement-mode",
+         "count_windows", "--measurement-request-count", "2", "--stability-percentage", "999", "--max-trials", "3"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Throughput" in run.stdout
 
 
 def test_generate_endpoint(triton_server):

@@ -130,6 +130,70 @@ def test_ignore_eos_and_min_tokens_set_the_answer_length(client):
         assert answer.usage.completion_tokens == length and answer.choices[0].finish_reason == "length"
 
 
+def test_completions_stop_at_sixteen_tokens_by_default_as_openai(client):
+    answer = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, temperature=0)
+    assert answer.usage.completion_tokens == 16 and answer.choices[0].finish_reason == "length"
+
+
+def test_content_given_as_text_parts_is_the_same_prompt_as_a_string(client):
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    as_parts = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": parts}],
+                                              max_tokens=8, temperature=0)
+    as_text = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[
+        {"role": "user", "content": "What is the capital\nof France?"}], max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage == as_text.usage
+
+
+def test_parameters_that_cannot_change_the_answer_are_accepted(client):
+    plain = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0)
+    tagged = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0, store=False, metadata={"team": "a"},
+        service_tier="auto", user="u-1", safety_identifier="s-1", prompt_cache_key="k", parallel_tool_calls=False)
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_an_impossible_parameter_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=8,
+                                       modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    assert refused.value.body["param"] == "modalities" and "text only" in refused.value.body["message"]
+
+
+def prometheus_samples(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def test_metrics_show_the_time_to_first_token_of_the_requests_just_sent(frontend, client):
+    count = f'vllm:time_to_first_token_seconds_count{{model_name="{DEFAULT_MODEL_NAME}"}}'
+    before = prometheus_samples(f"{frontend.url}/metrics")
+    client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0)
+    for _ in range(2):
+        list(client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       stream=True))
+    after = prometheus_samples(f"{frontend.url}/metrics")
+    assert after[count] == before.get(count, 0) + 3
+    label = f'{{model_name="{DEFAULT_MODEL_NAME}"}}'
+    assert after[f"vllm:generation_tokens_total{label}"] == before.get(f"vllm:generation_tokens_total{label}", 0) + 12
+    assert after[f'vllm:e2e_request_latency_seconds_count{label}'] >= 3
+    assert after[f'vllm:inter_token_latency_seconds_count{label}'] > before.get(
+        f'vllm:inter_token_latency_seconds_count{label}', 0)
+    assert after[f"vllm:num_requests_running{label}"] == 0 and after[f"vllm:num_requests_waiting{label}"] == 0
+
+
+def test_the_engines_totals_are_prometheus_counters_on_tritons_metrics_port(client, triton_server):
+    client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=2)
+    with urllib.request.urlopen(f"http://{triton_server.urls.metrics}/metrics", timeout=10) as response:
+        types = dict(line.split()[2:4] for line in response.read().decode().splitlines()
+                     if line.startswith("# TYPE "))
+    assert types["disagg_orchestrator_requests_total"] == "counter"
+    assert types["disagg_kv_pulls_completed_total"] == "counter"
+    assert types["disagg_kv_blocks_used"] == types["disagg_kv_blocks_total"] == "gauge"
+
+
 def test_chat_log_probs_come_one_per_token(client):
     answer = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0,
                                             logprobs=True)
@@ -159,6 +223,10 @@ MALFORMED = [
     ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {**CHAT_BODY, "frobnicate": True}, "frobnicate"),
+    ("/v1/chat/completions", {**CHAT_BODY, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT_BODY, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages.0.content.1"),
     ("/v1/chat/completions", {**CHAT_BODY, "min_tokens": 10}, None),  # the engine's own check: min > max
     ("/v1/completions", {"model": DEFAULT_MODEL_NAME, "prompt": [3, 10**7], "max_tokens": 4}, None),  # not a token
     ("/v1/completions", {"model": DEFAULT_MODEL_NAME, "prompt": "x", "max_tokens": 0}, "max_tokens"),
@@ -257,3 +325,26 @@ def test_in_aggregated_mode_the_frontend_answers_as_ensemble_aggregated(triton_s
     finally:
         aggregated.stop()
     assert answer.choices[0].text == generate(triton_server, "ensemble_aggregated", PROMPT, MAX_TOKENS)
+
+
+def test_with_an_api_key_the_api_answers_only_requests_that_carry_it(triton_server, tmp_path):
+    [port] = free_ports(1)
+    guarded = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model="disaggregated_serving_bls",
+                             port=port, host="127.0.0.1", log_file=tmp_path / "frontend.log", api_key="sesame",
+                             served_model_name="my-model")
+    try:
+        guarded.start()  # /health answers without the key: the start waits for it
+        wrong = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="open-please", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.completions.create(model="my-model", prompt=PROMPT, max_tokens=2)
+        assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sesame", max_retries=0)
+        assert [model.id for model in right.models.list().data] == ["my-model"]
+        answer = right.completions.create(model="my-model", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert answer.model == "my-model" and answer.usage.completion_tokens == 2
+        with urllib.request.urlopen(f"{guarded.url}/metrics", timeout=10) as response:  # Prometheus has no key
+            assert 'model_name="my-model"' in response.read().decode()
+    finally:
+        guarded.stop()

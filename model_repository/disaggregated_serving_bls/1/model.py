@@ -22,7 +22,8 @@ from python_backend_utils.orchestration.membership import MembershipMonitor
 from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS_IN_FLIGHT, GROUPS, Orchestrator
 from python_backend_utils.orchestration.routing import Target
 from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
-from python_backend_utils.serving.metrics import ORCHESTRATOR_METRICS, ROUTER_METRICS, GaugeSet, LabelledGauges
+from python_backend_utils.serving.metric_names import ORCHESTRATOR_METRICS, ROUTER_METRICS
+from python_backend_utils.serving.metrics import LabelledMetrics, MetricSet
 from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch
 from python_backend_utils.serving.triton_io import model_parameters
@@ -38,8 +39,8 @@ class TritonPythonModel:
         limit = parse_limit(parameters.get("max_requests_in_flight", ""), DEFAULT_MAX_REQUESTS_IN_FLIGHT)
         self.orchestrator = Orchestrator(deployment, int(parameters.get("context_block_size") or 16), self, limit)
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.gauges = GaugeSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
-        self.router_gauges = {name: LabelledGauges(name, description, labels) for name, description
+        self.gauges = MetricSet("disagg_orchestrator", ORCHESTRATOR_METRICS, labels)
+        self.router_gauges = {name: LabelledMetrics(name, description, labels) for name, description
                               in published(ROUTER_METRICS, detailed_metrics(parameters)).items()}
         self._published: set[tuple[str, str]] = set()
         self._publish_lock = threading.Lock()

@@ -69,7 +69,7 @@ class TritonPythonModel:
                        "(gRPC streaming or /generate_stream)")
             return error_response(message, pb_utils.TritonError.INVALID_ARG)
         inputs = [tensor for tensor in request.inputs() if tensor.name() != "stream"]
-        inputs.append(pb_utils.Tensor("stream", np.array([False])))
+        inputs.append(pb_utils.Tensor("stream", np.array([[False]])))  # batched, as every input
         inner = pb_utils.InferenceRequest(model_name=ENSEMBLE, inputs=inputs, requested_output_names=OUTPUTS)
         for response in list(inner.exec(decoupled=True)):
             if response.has_error():

@@ -1,4 +1,5 @@
-"""Detokenize the new tokens of one response, using the tokens before them as context."""
+"""Detokenize the new tokens of one response, using the tokens before them as context; the
+outputs in TensorRT-LLM's [batch, beam, ...] shape, both of one."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -20,6 +21,10 @@ class TritonPythonModel:
             inputs = request_inputs(request)
             preceding = inputs["PRECEDING_TOKENS"].reshape(-1).tolist()
             text = decode_increment(self.tokenizer, preceding, inputs["TOKENS_BATCH"].reshape(-1).tolist())
-            output = np.array([text.encode("utf-8")], dtype=np.object_)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", output)]))
+            tensors = {
+                "OUTPUT": np.array([[text.encode("utf-8")]], dtype=np.object_),
+                "OUT_CUM_LOG_PROBS": inputs["CUM_LOG_PROBS"].reshape(1, 1),
+                "OUT_OUTPUT_LOG_PROBS": inputs["OUTPUT_LOG_PROBS"].reshape(1, 1, -1),
+            }
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
         return responses

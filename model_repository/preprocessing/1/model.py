@@ -1,4 +1,5 @@
-"""Tokenize text_input; encode stop/bad words in TensorRT-LLM's word-list layout.
+"""Tokenize text_input; encode stop/bad words in TensorRT-LLM's word-list layout; pass the
+sampling settings on, unbatched (the ensemble's inputs come with a batch dimension of one).
 
 Sizes are checked before anything is decoded or tokenized (python_backend_utils/serving/input_limits.py):
 a text longer than can fit in the context window is refused at once.
@@ -25,6 +26,11 @@ from python_backend_utils.serving.triton_io import (
     request_inputs,
     scalar,
 )
+
+# The ensemble's sampling settings, handed to the middle step as OUT_<name> with the batch dimension dropped.
+PASSED_ON = ("REQUEST_OUTPUT_LEN", "STREAMING", "TEMPERATURE", "RUNTIME_TOP_K", "RUNTIME_TOP_P", "RANDOM_SEED",
+             "EXCLUDE_INPUT_IN_OUTPUT", "MIN_LENGTH", "RETURN_LOG_PROBS", "PRESENCE_PENALTY", "FREQUENCY_PENALTY",
+             "REPETITION_PENALTY", "MIN_P")
 
 
 class TritonPythonModel:
@@ -56,7 +62,9 @@ class TritonPythonModel:
         self.text_limit.check(raw)
         # The tokenizer's own special-token rule: a BOS only where the checkpoint adds one.
         input_ids = self.tokenizer.encode(decode_text(raw, "text_input"))
+        passed_on = {f"OUT_{name}": inputs[name].reshape(-1) for name in PASSED_ON if name in inputs}
         return {
+            **passed_on,
             "INPUT_ID": np.asarray(input_ids, dtype=np.int32),
             "REQUEST_INPUT_LEN": np.asarray([len(input_ids)], dtype=np.int32),
             "STOP_WORDS_IDS": self._word_list(inputs.get("STOP_WORDS_DICT"), "stop_words"),
