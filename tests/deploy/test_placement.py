@@ -82,3 +82,14 @@ def test_cores_set_by_hand_and_the_role_modes_are_left_alone(tmp_path):
     assert cpu_cores(repository, "aggregated") == ""
     assert prepare_repository(parse_args(["--mode", "context-server"]), tmp_path / "role") == DEFAULT_MODEL_REPOSITORY
     assert threads_for(None) == 1
+
+
+def test_the_aggregated_preset_runs_one_instance_on_all_its_cores():
+    from argparse import Namespace
+
+    from benchmarks.presets import preset_settings
+
+    two_cores = Namespace(preset="aggregated", workers=2, instances=1, pin=True)
+    assert preset_settings(two_cores) == (["aggregated.instance_count=1", "aggregated.cpu_cores=0,1"], None, 2)
+    one_a_core = Namespace(preset="aggregated", workers=2, instances=2, pin=True)
+    assert preset_settings(one_a_core)[0] == ["aggregated.instance_count=2", "aggregated.cpu_cores=0;1"]
