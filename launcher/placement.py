@@ -42,9 +42,9 @@ class Placement:
         if not self.cores:
             return f"engine instances unpinned, one thread each ({self.reason})"
         return "engine instances: " + ", ".join(
-            f"{model} #{index + 1} on core{'s' if len(s) > 1 else ''} {','.join(map(str, s))} "
-            f"({len(s)} thread{'s' if len(s) > 1 else ''})"
-            for model, sets in self.cores.items() for index, s in enumerate(sets))
+            f"{model} #{index + 1} on core{'s' if len(s) > 1 else ''} {','.join(map(str, s))}"
+            for model, sets in self.cores.items() for index, s in enumerate(sets)) + \
+            " (one thread a core, unless num_threads is set)"
 
 
 def split_cores(cores: Sequence[int], counts: dict[str, int]) -> Placement:
