@@ -167,15 +167,23 @@ def llama_bench_prefill_tps(output: str) -> dict[int, float]:
         raise LlamaCppError(f"llama-bench's JSON is not as expected ({error!r}): {output[:200]!r}") from None
 
 
+def check_llama_cpp_build(directory: Path) -> Path:
+    """The build's bin directory, if peer-llama-cpp.sh made the binaries and every model type there."""
+    binaries = directory / "src" / "llama.cpp" / "build" / "bin"
+    needed = [binaries / "llama-bench", binaries / "llama-batched-bench",
+              *(directory / f"{kind.lower()}.gguf" for kind in LLAMA_CPP_TYPES)]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise LlamaCppError(f"no {', '.join(missing)}: run ../shared/tools/peer-llama-cpp.sh {directory} first")
+    return binaries
+
+
 def measure_llama_cpp(directory: Path, threads: int, repeats: int) -> dict[str, dict[str, float]]:
     """Type -> measure -> tok/s, for the measures measure_engine names."""
-    binaries = directory / "src" / "llama.cpp" / "build" / "bin"
+    binaries = check_llama_cpp_build(directory)
     results = {}
     for kind in LLAMA_CPP_TYPES:
         model = directory / f"{kind.lower()}.gguf"
-        if not model.is_file() or not (binaries / "llama-bench").is_file():
-            raise LlamaCppError(f"no {model} or llama-bench in {binaries}: run ../shared/tools/peer-llama-cpp.sh "
-                                f"{directory} first")
         prefill = llama_bench_prefill_tps(llama_cpp_run([
             str(binaries / "llama-bench"), "-m", str(model), "-t", str(threads), "-r", str(repeats),
             "-p", ",".join(map(str, PREFILL_LENGTHS)), "-n", "0", "-o", "json"]))
@@ -265,6 +273,8 @@ def main() -> None:
               f"{result['output_tok_per_s']:.1f} output tok/s ({result['responses']} responses "
               f"in {result['seconds']:.1f} s)")
     else:
+        if args.llama_cpp:
+            check_llama_cpp_build(args.llama_cpp)  # before minutes of measuring
         result = measure_engine(args)
         if args.llama_cpp:
             result["llama_cpp"] = measure_llama_cpp(args.llama_cpp, args.threads, args.repeats)
