@@ -1,10 +1,12 @@
 """Benchmark presets: aggregated and disaggregated deployments with the same cores, one sweep each.
 
 A worker is one pinned core here (one GPU on a GPU machine, where `--no-pin` leaves placement
-to the devices). `aggregated` runs N instances of the aggregated engine, instance k on core k;
+to the devices). `aggregated` runs `--instances` engines (default 1) over N cores, each on a block
+of adjacent cores (on 2 cores: one instance with 2 threads, as `llama-server -t 2`);
 `disaggregated` runs C context and G generation instances, on cores 0..C-1 and C..C+G-1. Each
-engine uses one torch thread per core it has. The server, tokenizers and orchestrator are
-not pinned: they are the same on both sides except the orchestrator, which is what is measured.
+engine runs one thread per core it has (num_threads left empty, serving/placement.py). The
+server, tokenizers and orchestrator are not pinned: they are the same on both sides except the
+orchestrator, which is what is measured.
 
     .venv/bin/python -m benchmarks.presets aggregated --workers 2 --out-dir results/mixed/aggregated \\
         -- --dataset mixed --request-rate 0.1 0.2 --num-requests 16
@@ -25,6 +27,7 @@ from pathlib import Path
 from client import benchmark
 from launcher import TritonServer
 from launcher.cli import MODES
+from launcher.placement import split_cores
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
@@ -33,10 +36,10 @@ from launcher.server import DEFAULT_MODEL_REPOSITORY
 def preset_settings(args: argparse.Namespace) -> tuple[list[str], str | None, int]:
     """(settings, deployment YAML or None, workers) for the chosen preset."""
     if args.preset == "aggregated":
-        settings = [f"aggregated.instance_count={args.workers}"]
+        settings = [Setting("aggregated", "instance_count", str(args.instances))]
         if args.pin:
-            settings.append(f"aggregated.cpu_cores={';'.join(str(core) for core in range(args.workers))}")
-        return settings, None, args.workers
+            settings += split_cores(range(args.workers), {"aggregated": args.instances}).settings()
+        return [f"{s.model}.{s.key}={s.value}" for s in settings], None, args.workers
     contexts, generations = args.context_workers, args.generation_workers
     settings = []
     if args.pin:
@@ -57,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     ours, sweep_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", choices=["aggregated", "disaggregated"])
-    parser.add_argument("--workers", type=int, default=2, help="aggregated: engine instances")
+    parser.add_argument("--workers", type=int, default=2, help="aggregated: cores")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="aggregated: engine instances sharing out the cores (at most --workers)")
     parser.add_argument("--context-workers", type=int, default=1)
     parser.add_argument("--generation-workers", type=int, default=1)
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="leave the engines unpinned")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(ours)
+    if not 1 <= args.instances <= args.workers:
+        parser.error(f"--instances {args.instances}: give 1 to --workers ({args.workers})")
 
     settings, deployment, workers = preset_settings(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 
 from launcher.openai_process import FrontendStartError, OpenAIFrontend, frontend_target
-from launcher.repository import RenderError, Setting, render_repository
+from launcher.placement import ENGINE_MODELS, WHOLE_DEPLOYMENT_MODES, place_instances
+from launcher.repository import RenderError, Setting, apply_settings, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 from launcher.stopping import Stopped, StopSignals
 from launcher.supervisor import Supervisor
+from python_backend_utils.cpu_features import AUTO_DTYPE, auto_dtype, auto_dtype_reason, cpu_flags
 from python_backend_utils.environment import API_KEY_ENV
 from python_backend_utils.orchestration.deployment import DeploymentError
 
@@ -77,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir",
                         help="Hugging Face checkpoint directory to serve (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="overrides the device in config.pbtxt")
+    flags = cpu_flags()
+    parser.add_argument(
+        "--dtype", choices=[AUTO_DTYPE, "float32", "bfloat16"],
+        help=f"every engine's dtype, overriding config.pbtxt's (default there: {AUTO_DTYPE}, which is "
+        f"{auto_dtype('cpu', flags)} here: {auto_dtype_reason('cpu', flags)}; auto is bfloat16 on CUDA and on CPUs "
+        "with AMX-BF16 or AVX512-BF16, float32 on other CPUs). The KV cache follows unless kv_cache_dtype is set",
+    )
     parser.add_argument(
         "--load-model",
         action="append",
@@ -143,16 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_signals = StopSignals()  # before any child exists
     with tempfile.TemporaryDirectory(prefix="disagg-serve-") as workdir:
-        repository = args.model_repository
-        if args.deployment is not None or args.settings:
-            repository = Path(workdir) / "model_repository"
-            try:
-                settings = tuple(Setting.parse(text) for text in args.settings)
-                render_repository(args.model_repository, repository, args.deployment, settings)
-            except (OSError, DeploymentError, RenderError) as error:
-                print(f"disagg-serve: {error}", file=sys.stderr)
-                return 2
+        try:
+            repository = prepare_repository(args, Path(workdir) / "model_repository")
+        except (OSError, DeploymentError, RenderError) as error:
+            print(f"disagg-serve: {error}", file=sys.stderr)
+            return 2
         return serve(args, repository, stop_signals)
+
+
+def prepare_repository(args: argparse.Namespace, rendered: Path) -> Path:
+    """The repository to serve: the given one, or a copy at `rendered` shaped by --deployment, --set,
+    --dtype and the engine instances' placement (launcher/placement.py)."""
+    models = args.load_model or MODES[args.mode]
+    settings = tuple(Setting.parse(text) for text in args.settings)
+    if args.dtype:
+        settings += tuple(Setting(model, "dtype", args.dtype) for model in ENGINE_MODELS if model in models)
+    repository = args.model_repository
+    if args.deployment is not None or settings:
+        render_repository(repository, rendered, args.deployment, settings)
+        repository = rendered
+    if args.mode not in WHOLE_DEPLOYMENT_MODES or args.load_model:
+        return repository
+    placement = place_instances(repository, models, settings)
+    print(f"disagg-serve: {placement.describe()}", flush=True)
+    if placement.cores:
+        if repository != rendered:
+            render_repository(repository, rendered)
+            repository = rendered
+        apply_settings(repository, placement.settings())
+    return repository
 
 
 def serve(args: argparse.Namespace, repository: Path, stop_signals: StopSignals) -> int:

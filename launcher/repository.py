@@ -57,17 +57,24 @@ def render_repository(
                 remove_versions_above(target / group.model_name, group.num_instances)
             except VersionError as error:
                 raise RenderError(str(error)) from None
+    linked = deployment_file if deployment_file is not None else source / DEPLOYMENT_FILE
+    if Path(linked).is_file():
         (target / DEPLOYMENT_FILE).unlink(missing_ok=True)
-        (target / DEPLOYMENT_FILE).symlink_to(Path(deployment_file).resolve())
+        (target / DEPLOYMENT_FILE).symlink_to(Path(linked).resolve())
+    apply_settings(target, settings)
+    return deployment
+
+
+def apply_settings(target: Path, settings: tuple[Setting, ...]) -> None:
+    """Change the parameters and instance counts of a rendered repository's config.pbtxt files."""
     for setting in settings:
         config = target / setting.model / "config.pbtxt"
         if not config.is_file():
-            raise RenderError(f"{setting.model}.{setting.key}: there is no model {setting.model!r} in {source}")
+            raise RenderError(f"{setting.model}.{setting.key}: there is no model {setting.model!r} in the repository")
         if setting.key == INSTANCE_COUNT:
             set_instance_count(config, setting.value)
         else:
             set_parameter(config, setting.key, setting.value)
-    return deployment
 
 
 def read_config(config: Path) -> model_config_pb2.ModelConfig:

@@ -14,7 +14,8 @@ from tests.helpers import REPO_ROOT
 
 PACKAGE = "python_backend_utils"
 # Modules at the package's top level that every layer may use: no torch, no Triton, no engine.
-SHARED = {f"{PACKAGE}.errors", f"{PACKAGE}.environment", f"{PACKAGE}.prefix_hashing", f"{PACKAGE}.context_window"}
+SHARED = {f"{PACKAGE}.errors", f"{PACKAGE}.environment", f"{PACKAGE}.prefix_hashing", f"{PACKAGE}.context_window",
+          f"{PACKAGE}.cpu_features"}
 MAX_MODULE_LINES = 420
 
 

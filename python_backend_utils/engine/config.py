@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from python_backend_utils.cpu_features import AUTO_DTYPE, auto_dtype, auto_dtype_reason, cpu_flags
 from python_backend_utils.environment import DEVICE_ENV, MODEL_DIR_ENV
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 class EngineConfig:
     model_dir: str = ""
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE
     kv_cache_dtype: str = ""
     block_size: int = 16
     num_kv_blocks: int = 0
@@ -35,10 +36,11 @@ class EngineConfig:
     weight_quantization: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("dtype", "kv_cache_dtype"):
-            value = getattr(self, name)
-            if value and value not in DTYPES:
-                raise ConfigError(f"{name}={value!r}: choose one of {sorted(DTYPES)}")
+        if self.dtype not in (AUTO_DTYPE, *DTYPES):
+            raise ConfigError(f"dtype={self.dtype!r}: choose {AUTO_DTYPE} or one of {sorted(DTYPES)}")
+        if self.kv_cache_dtype and self.kv_cache_dtype not in DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {sorted(DTYPES)}, or leave "
+                              "it empty to follow dtype")
         if self.weight_quantization not in WEIGHT_QUANTIZATIONS:
             raise ConfigError(f"weight_quantization={self.weight_quantization!r}: choose one of "
                               f"{[q for q in WEIGHT_QUANTIZATIONS if q]} or leave it empty")
@@ -46,12 +48,26 @@ class EngineConfig:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
 
     @property
+    def resolved_dtype(self) -> str:
+        """`dtype`, with auto resolved for this device and this machine's CPU."""
+        return auto_dtype(self.device, cpu_flags()) if self.dtype == AUTO_DTYPE else self.dtype
+
+    def describe(self) -> str:
+        """The numeric settings as the engine runs them, for the start-up log: auto says what it chose and why."""
+        dtype = self.resolved_dtype
+        if self.dtype == AUTO_DTYPE:
+            dtype += f" (auto: {auto_dtype_reason(self.device, cpu_flags())})"
+        weights = ", int8 weights" if self.weight_quantization == "int8" else ""
+        return f"dtype {dtype}{weights}, KV cache {self.kv_cache_dtype or self.resolved_dtype}, " \
+               f"{self.num_threads} thread(s)"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype]
 
     @property
     def kv_torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.kv_cache_dtype or self.dtype]
+        return DTYPES[self.kv_cache_dtype or self.resolved_dtype]
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> EngineConfig:

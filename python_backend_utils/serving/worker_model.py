@@ -17,12 +17,14 @@ orchestrator reloads the instance (stub_recovery.py).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
 import uuid
 
 import numpy as np
+import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
@@ -38,7 +40,7 @@ from python_backend_utils.serving.context_params import (
 from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
 from python_backend_utils.serving.metric_names import ENGINE_METRICS, PARAMS_METRICS, TRANSFER_METRICS
 from python_backend_utils.serving.metrics import MetricSet
-from python_backend_utils.serving.placement import pin_instance
+from python_backend_utils.serving.placement import pin_instance, threads_for
 from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
 from python_backend_utils.serving.server_watch import exit_with_server
 from python_backend_utils.serving.stub_recovery import exit_stub
@@ -80,11 +82,15 @@ class LLMModel:
     role = "aggregated"
 
     def initialize(self, args) -> None:
-        pin_instance(args)  # first: the engine's threads start on their own cores
+        cores = pin_instance(args)  # first: the engine's threads start on their own cores
         exit_with_server()
         parameters = model_parameters(args["model_config"])
         self.instance_name = f"{args['model_name']}/{args['model_version']}"
         config = EngineConfig.from_parameters(parameters)
+        if not parameters.get("num_threads"):
+            config = dataclasses.replace(config, num_threads=threads_for(cores))
+        pb_utils.Logger.log_info(f"{self.instance_name}: {config.describe()}, "
+                                 f"{'cores ' + ','.join(map(str, sorted(cores))) if cores else 'unpinned'}")
         self.transfer = None
         self.params_key = b""
         self.params_rejected = 0

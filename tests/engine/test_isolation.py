@@ -36,7 +36,7 @@ def reference(tiny_dir):
 
 @pytest.fixture
 def engine(tiny_dir):
-    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=64, block_size=4))
+    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, dtype="float32", num_kv_blocks=64, block_size=4))
     yield engine
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
@@ -105,7 +105,7 @@ def test_bad_words_that_ban_everything_after_one_token_fail_only_there(engine, r
 
 
 def test_the_loop_hands_a_request_its_own_error_and_serves_the_rest(tiny_dir, reference):
-    loop = EngineLoop(LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=64, block_size=4)))
+    loop = EngineLoop(LLMEngine(EngineConfig(model_dir=tiny_dir, dtype="float32", num_kv_blocks=64, block_size=4)))
     loop.start()
     try:
         errors: queue.Queue = queue.Queue()
@@ -150,7 +150,7 @@ def test_blocks_of_an_ended_request_stay_out_of_reach_until_its_pull_is_done(tin
     """Cancelling a request that waits for its KV once freed blocks its pull went on writing into,
     under whichever request took them next."""
     # 3 blocks for the ended request, 9 for its neighbours at their longest: they need the ended one's
-    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=10, block_size=4))
+    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, dtype="float32", num_kv_blocks=10, block_size=4))
     pull = WritingPull(engine)
     engine.add_generation_request("waits", list(range(200, 211)), 7, greedy(), pull.start)
     engine.step()

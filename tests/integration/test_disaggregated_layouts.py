@@ -4,6 +4,8 @@ A rendered copy of the repository: two context instances (versions 1 and 2, roun
 16-token fp32 blocks, one generation instance with 8-token bf16 blocks, so every transfer
 converts block size and dtype. The aggregated baseline stores its KV in bf16 too: the values a
 generation instance decodes from are then the same either way, and so are the tokens.
+Every engine here computes in fp32 (`dtype: auto` is bf16 on machines with AMX-BF16 or
+AVX512-BF16, where the session server's equality tests then run in bf16): both stay covered.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def layout_server(tmp_path_factory):
     )
     settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16",
                 f"generation.max_model_len={GENERATION_MAX_MODEL_LEN}"]
+    settings += [f"{model}.dtype=float32" for model in ("context", "generation", "aggregated")]
     settings += [f"{model}.kv_cache_memory_bytes={256 << 20}" for model in ("context", "generation", "aggregated")]
     settings.append("disaggregated_serving_bls.detailed_metrics=true")  # the router's decisions, per target
     repository = work / "model_repository"
