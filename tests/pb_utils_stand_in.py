@@ -8,6 +8,7 @@ orchestrator's BLS thread, as a real instance's response iterator is read there,
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -70,6 +71,22 @@ class InferenceRequest:
     async def async_exec(self, decoupled: bool) -> Iterator[InferenceResponse]:
         assert decoupled
         return iter(instances[(self.model_name, self.model_version)](self))
+
+
+class Logger:
+    """The backend's log, to Python's logging here."""
+
+    @staticmethod
+    def log_info(message: str) -> None:
+        logging.getLogger("triton").info(message)
+
+    @staticmethod
+    def log_warn(message: str) -> None:
+        logging.getLogger("triton").warning(message)
+
+    @staticmethod
+    def log_error(message: str) -> None:
+        logging.getLogger("triton").error(message)
 
 
 class MetricFamily:
