@@ -4,7 +4,7 @@ Each child runs in a session of its own, so a Ctrl-C at the terminal reaches the
 which then stops its children in order (launcher/stopping.py). Each also gets PR_SET_PDEATHSIG =
 SIGKILL before it execs: should the launcher itself die without its clean-up (kill -9, the OOM
 killer, a container runtime giving up), the kernel kills its children at once, and the stubs of a
-killed tritonserver end themselves (python_backend_utils/serving/server_watch.py).
+killed tritonserver end themselves (python_backend_utils/triton_glue/server_watch.py).
 
 Linux sends that signal when the *thread* that forked the child ends, not its process, and servers
 are started from short-lived threads too (a ThreadPoolExecutor in the tests). So every child is

@@ -15,12 +15,11 @@ user's. The role modes (context-server, ...) pin nothing: several such servers m
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.repository import Setting
+from launcher.repository import Setting, read_config
 
 ENGINE_MODELS = ("context", "generation", "aggregated")
 WHOLE_DEPLOYMENT_MODES = ("disaggregated", "aggregated", "both")
@@ -73,11 +72,11 @@ def instance_counts(repository: Path, models: Sequence[str]) -> dict[str, int]:
         config = repository / model / "config.pbtxt"
         if model not in models or not config.is_file():
             continue
-        text = config.read_text()
-        group = re.search(r"instance_group \[ { count: (\d+),", text)
+        parsed = read_config(config)
         versions = [p for p in config.parent.iterdir() if p.is_dir() and p.name.isdigit()]
-        loaded = len(versions) if re.search(r"version_policy: ?{ ?all", text) else 1
-        counts[model] = (int(group.group(1)) if group else 1) * loaded
+        loaded = len(versions) if parsed.version_policy.HasField("all") else 1
+        counts[model] = sum(group.count or 1 for group in parsed.instance_group) or 1
+        counts[model] *= loaded
     return counts
 
 

@@ -3,7 +3,7 @@
 The server runs in its own process group, with a shared-memory prefix of its own for the
 Python stubs, so that a failed or finished server can be cleaned up completely (its stubs and
 its /dev/shm regions) without touching anything else on the machine. It dies with the process
-that started it (launcher/children.py), and its stubs with it (serving/server_watch.py).
+that started it (launcher/children.py), and its stubs with it (triton_glue/server_watch.py).
 
 The stubs get the deployment key that authenticates context_phase_params through
 TRITON_DISAGG_KV_KEY_FILE: the caller's, when set (a deployment across hosts shares one key file),

@@ -9,7 +9,7 @@ from openai_frontend.metrics import RequestTimer
 from openai_frontend.schemas import SamplingRequest, Usage
 from openai_frontend.text import AnswerText
 from openai_frontend.triton_client import GenerationParams, TokenChunk, TritonGenerator
-from python_backend_utils.serving.tokenizer import TextTokenizer
+from python_backend_utils.triton_glue.tokenizer import TextTokenizer
 
 
 def generation_params(request: SamplingRequest, output_limit: int | None, prompt_len: int, window: int,

@@ -8,7 +8,7 @@ from pathlib import Path
 from openai_frontend.chat_template import ChatTemplate
 from openai_frontend.schemas import ModelCard
 from python_backend_utils.context_window import default_window, model_config
-from python_backend_utils.serving.tokenizer import TextTokenizer, load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import TextTokenizer, load_tokenizer
 
 OWNER = "triton-disagg"
 

@@ -1,14 +1,14 @@
 """Streamed token ids to answer text, cut before the first stop string.
 
-Detokenized incrementally as postprocessing does (python_backend_utils.serving.detokenize), so the
+Detokenized incrementally as postprocessing does (python_backend_utils.triton_glue.detokenize), so the
 text equals the ensemble's for the same tokens. Text that could be the start of a stop string is
 held back until the next tokens show whether it is.
 """
 
 from __future__ import annotations
 
-from python_backend_utils.serving.detokenize import PRECEDING_TOKENS, decode_increment
-from python_backend_utils.serving.tokenizer import TextTokenizer
+from python_backend_utils.triton_glue.detokenize import PRECEDING_TOKENS, decode_increment
+from python_backend_utils.triton_glue.tokenizer import TextTokenizer
 
 
 def _partial_stop_length(text: str, stops: list[str]) -> int:

@@ -38,9 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.metrics import Slo
 from planner.calibration import Calibration, CalibrationError
 from planner.plan import PlanError, add_model_options, evaluate, render_deployment, smallest_meeting, write_atomically
-from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest
-from python_backend_utils.orchestration.deployment import Deployment as ServingDeployment
-from python_backend_utils.orchestration.deployment import DeploymentError
+from planner.simulator import SchedulerLimits, SimulatedDeployment, SimulatedRequest
+from python_backend_utils.orchestration.deployment import Deployment, DeploymentError
 
 MIN_SIMULATED_REQUESTS = 40
 
@@ -156,7 +155,7 @@ class Sizing:
             rate = load.rate * (1 + self.headroom) if workers < current.workers else load.rate
             count = max(MIN_SIMULATED_REQUESTS, round(rate * 30))
             for context in range(1, workers):
-                deployment = Deployment(context_workers=context, generation_workers=workers - context,
+                deployment = SimulatedDeployment(context_workers=context, generation_workers=workers - context,
                                         limits=self.limits)
                 evaluations.append(evaluate(self.calibration, deployment, [request] * count, rate, self.slo, self.seed))
         chosen = smallest_meeting(evaluations, self.attainment)
@@ -207,7 +206,7 @@ def read_split(path: Path) -> tuple[Split, dict]:
     """The deployment file's local instance counts, and its parsed content."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        deployment = ServingDeployment.from_dict(raw)
+        deployment = Deployment.from_dict(raw)
     except (OSError, yaml.YAMLError, DeploymentError) as error:
         raise PlanError(f"--deployment {path}: {error}") from None
     return Split(deployment.context_servers.num_instances, deployment.generation_servers.num_instances), raw

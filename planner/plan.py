@@ -31,10 +31,9 @@ from client.metrics import Slo, summarize
 from client.results import RunResult
 from planner.calibration import Calibration, CalibrationError
 from planner.predict import draw_requests
-from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest, Workload, simulate
+from planner.simulator import SchedulerLimits, SimulatedDeployment, SimulatedRequest, Workload, simulate
 from planner.validate import DEFAULT_CALIBRATION
-from python_backend_utils.orchestration.deployment import Deployment as ServingDeployment
-from python_backend_utils.orchestration.deployment import DeploymentError
+from python_backend_utils.orchestration.deployment import Deployment, DeploymentError
 
 DEFAULT_ATTAINMENT = 0.9
 # A deployment the planner writes when no --base is given: the routers the benchmarks' presets use.
@@ -52,7 +51,7 @@ class PlanError(ValueError):
 class Evaluation:
     """One deployment's simulated run of the workload."""
 
-    deployment: Deployment
+    deployment: SimulatedDeployment
     goodput: float  # requests per second within the SLOs
     attainment: float  # fraction of the requests within the SLOs
     ttft_p90_ms: float
@@ -91,7 +90,7 @@ def workload_requests(spec: str, count: int, seed: int) -> tuple[SimulatedReques
     return draw_requests(parse_workload(spec), count, f"{seed}-measured")
 
 
-def evaluate(calibration: Calibration, deployment: Deployment, requests: Sequence[SimulatedRequest],
+def evaluate(calibration: Calibration, deployment: SimulatedDeployment, requests: Sequence[SimulatedRequest],
              rate: float, slo: Slo, seed: int = 0) -> Evaluation:
     arrivals = tuple(poisson_arrivals(rate, len(requests), f"{seed}-arrivals"))
     measured = simulate(calibration, deployment, Workload(tuple(requests), arrivals_s=arrivals))
@@ -109,12 +108,13 @@ def evaluate(calibration: Calibration, deployment: Deployment, requests: Sequenc
     )
 
 
-def splits(workers: int, limits: SchedulerLimits | None = None) -> list[Deployment]:
+def splits(workers: int, limits: SchedulerLimits | None = None) -> list[SimulatedDeployment]:
     """Every C + G = workers with both at least 1, context count ascending."""
     limits = limits or SchedulerLimits()
     if workers < 2:
         raise PlanError(f"--workers {workers}: a disaggregated split needs at least 2 (1 context + 1 generation)")
-    return [Deployment(context_workers=c, generation_workers=workers - c, limits=limits) for c in range(1, workers)]
+    return [SimulatedDeployment(context_workers=c, generation_workers=workers - c, limits=limits)
+            for c in range(1, workers)]
 
 
 def best(evaluations: Sequence[Evaluation], target_attainment: float) -> Evaluation:
@@ -157,7 +157,7 @@ def render_deployment(context: int, generation: int, base: dict | None = None) -
         raw[key] = group
     text = yaml.safe_dump(raw, sort_keys=False)
     try:
-        ServingDeployment.from_text(text)
+        Deployment.from_text(text)
     except DeploymentError as error:
         raise PlanError(f"the deployment for {context} + {generation} is invalid: {error}") from None
     return text
@@ -168,7 +168,7 @@ def load_base(path: Path | None) -> dict | None:
         return None
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        ServingDeployment.from_dict(raw)
+        Deployment.from_dict(raw)
     except (OSError, yaml.YAMLError, DeploymentError) as error:
         raise PlanError(f"--base {path}: {error}") from None
     return raw
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         requests = workload_requests(args.workload, args.num_requests, args.seed)
         slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
         base = load_base(args.base)
-        candidates = [*splits(args.workers, limits), Deployment(aggregated_workers=args.workers, limits=limits)]
+        all_in_one = SimulatedDeployment(aggregated_workers=args.workers, limits=limits)
+        candidates = [*splits(args.workers, limits), all_in_one]
         evaluations = [evaluate(calibration, d, requests, args.request_rate, slo, args.seed) for d in candidates]
         chosen = best(evaluations[:-1], args.slo_attainment)
         text = render_deployment(chosen.deployment.context_workers, chosen.deployment.generation_workers, base)

@@ -20,7 +20,7 @@ from client.datasets import DEFAULT_MIX, LengthDistribution, WorkloadClass, clas
 from client.metrics import Slo, summarize
 from client.results import RunConfig, RunResult
 from planner.calibration import Calibration
-from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest, Workload, simulate
+from planner.simulator import SchedulerLimits, SimulatedDeployment, SimulatedRequest, Workload, simulate
 from planner.validate import DEFAULT_CALIBRATION
 
 
@@ -32,7 +32,7 @@ def draw_requests(classes: Sequence[WorkloadClass], count: int, seed: int | str)
     return tuple(SimulatedRequest(classes[i].isl.sample(rng), classes[i].osl.sample(rng)) for i in order)
 
 
-def predict(calibration: Calibration, deployment: Deployment, classes: Sequence[WorkloadClass], count: int,
+def predict(calibration: Calibration, deployment: SimulatedDeployment, classes: Sequence[WorkloadClass], count: int,
             seed: int, concurrency: int | None, rate: float | None, slo: Slo, label: str) -> RunResult:
     requests = draw_requests(classes, count, f"{seed}-measured")
     arrivals = None if rate is None else tuple(poisson_arrivals(rate, count, f"{seed}-arrivals"))
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        deployment = Deployment(args.aggregated, args.context, args.generation,
+        deployment = SimulatedDeployment(args.aggregated, args.context, args.generation,
                                 SchedulerLimits(args.max_num_seqs, args.max_num_batched_tokens))
         classes = (parse_mix(args.mix) if args.dataset == "mixed" else
                    [WorkloadClass(1.0, LengthDistribution.parse(args.isl), LengthDistribution.parse(args.osl))])

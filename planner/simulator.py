@@ -31,7 +31,7 @@ class SchedulerLimits:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class SimulatedDeployment:
     """Either aggregated_workers > 0, or context_workers and generation_workers both > 0."""
 
     aggregated_workers: int = 0
@@ -206,7 +206,7 @@ class _Worker:
         self._step()
 
 
-def simulate(calibration: Calibration, deployment: Deployment, workload: Workload) -> list[RequestMeasurement]:
+def simulate(calibration: Calibration, deployment: SimulatedDeployment, workload: Workload) -> list[RequestMeasurement]:
     """Every request of the workload, as the client would measure it."""
     requests = workload.requests
     largest = max((r.input_tokens + r.output_tokens for r in requests), default=0)

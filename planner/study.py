@@ -33,7 +33,7 @@ from client.datasets import LengthDistribution, WorkloadClass, parse_mix
 from client.metrics import RequestMeasurement, Slo, pareto_frontier, percentile
 from planner.calibration import Calibration
 from planner.predict import draw_requests
-from planner.simulator import Deployment, SchedulerLimits, Workload, simulate
+from planner.simulator import SchedulerLimits, SimulatedDeployment, Workload, simulate
 
 
 def _fixed(isl: int, osl: int) -> tuple[WorkloadClass, ...]:
@@ -254,8 +254,9 @@ def simulate_point(calibration: Calibration, classes: Sequence[WorkloadClass], w
     concurrency = max(1, round(load * workers))
     count = max(3 * concurrency, 2 * concurrency + min_measured)
     requests = draw_requests(classes, count, f"{seed}-{workers}-{load:g}")
-    deployment = (Deployment(aggregated_workers=workers, limits=limits) if context == 0
-                  else Deployment(context_workers=context, generation_workers=workers - context, limits=limits))
+    deployment = (SimulatedDeployment(aggregated_workers=workers, limits=limits) if context == 0
+                  else SimulatedDeployment(context_workers=context, generation_workers=workers - context,
+                                           limits=limits))
     measurements = simulate(calibration, deployment, Workload(requests, concurrency=concurrency, ramp_s=ramp_s))
     return summarize_point(measurements, workers, context, load, concurrency, slo)
 

@@ -23,7 +23,7 @@ from client.metrics import RunSummary, summarize
 from client.results import RunResult
 from planner.calibration import Calibration
 from planner.fit import is_aggregated, load_measured_runs
-from planner.simulator import Deployment, SimulatedRequest, Workload, simulate
+from planner.simulator import SimulatedDeployment, SimulatedRequest, Workload, simulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -44,12 +44,12 @@ class Comparison:
         return abs(self.predicted[metric] - self.measured[metric]) / self.measured[metric]
 
 
-def deployment_of(run: RunResult) -> Deployment:
+def deployment_of(run: RunResult) -> SimulatedDeployment:
     """The presets' deployments: N aggregated instances, or the workers split context first."""
     if is_aggregated(run):
-        return Deployment(aggregated_workers=run.config.workers)
+        return SimulatedDeployment(aggregated_workers=run.config.workers)
     contexts = max(run.config.workers // 2, 1)
-    return Deployment(context_workers=contexts, generation_workers=max(run.config.workers - contexts, 1))
+    return SimulatedDeployment(context_workers=contexts, generation_workers=max(run.config.workers - contexts, 1))
 
 
 def workload_of(run: RunResult) -> Workload:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from python_backend_utils.serving.stub_recovery import stub_pids as find_stub_pids
+from python_backend_utils.triton_glue.stub_recovery import stub_pids as find_stub_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,6 +49,14 @@ def test_serving_never_imports_orchestration():
     assert violations(f"{PACKAGE}/serving", (f"{PACKAGE}.orchestration", "client", "launcher")) == []
 
 
+def test_the_shared_triton_glue_belongs_to_neither_side():
+    """Both the worker models (serving) and the orchestrator use it: it imports neither, nor the engine's
+    torch side (only the torch-free sampling settings)."""
+    found = violations(f"{PACKAGE}/triton_glue", (f"{PACKAGE}.serving", f"{PACKAGE}.orchestration", f"{PACKAGE}.engine",
+                                                    "torch", "kv_transfer", "client", "launcher"))
+    assert [v for v in found if not v.endswith(f" imports {PACKAGE}.engine.sampling_params")] == []
+
+
 def test_orchestration_never_imports_the_engine_or_torch():
     assert violations(f"{PACKAGE}/orchestration", (
         f"{PACKAGE}.engine", "torch", "kv_transfer", "transformers", "client", "launcher")) == []

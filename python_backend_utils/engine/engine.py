@@ -1,4 +1,4 @@
-"""The LLM engine: one class for the aggregated, context-only and generation-only roles."""
+"""The LLM engine: one class for the three request types (context and generation, context only, generation only)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShap
 from python_backend_utils.engine.sampler import apply_bad_words, apply_penalties, sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
-from python_backend_utils.engine.sequence import Role, Sequence, StartPull, Status
+from python_backend_utils.engine.sequence import RequestType, Sequence, StartPull, Status
 from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import CapacityError, InvalidRequestError
 
@@ -70,12 +70,13 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- requests
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, role: Role = Role.BOTH
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+        request_type: RequestType = RequestType.CONTEXT_AND_GENERATION,
     ) -> None:
         """Queue a request that is prefilled here (aggregated, or context-only)."""
-        if role is Role.GENERATION_ONLY:
+        if request_type is RequestType.GENERATION_ONLY:
             raise ValueError("use add_generation_request for generation-only requests")
-        self._admit(Sequence(request_id, list(prompt_ids), len(prompt_ids), self._with_defaults(params), role))
+        self._admit(Sequence(request_id, list(prompt_ids), len(prompt_ids), self._with_defaults(params), request_type))
 
     def add_generation_request(
         self,
@@ -97,7 +98,7 @@ class LLMEngine:
             [*prompt_ids, first_token],
             len(prompt_ids),
             self._with_defaults(params),
-            Role.GENERATION_ONLY,
+            RequestType.GENERATION_ONLY,
             start_pull=start_pull,
         )
         seq.num_emitted = 1
@@ -153,7 +154,8 @@ class LLMEngine:
                 start=item.seq.num_computed,
                 block_table=item.seq.block_table,
                 sample=item.completes,
-                all_logits=(item.seq.params.prompt_log_probs and item.seq.role is not Role.GENERATION_ONLY
+                all_logits=(item.seq.params.prompt_log_probs
+                            and item.seq.request_type is not RequestType.GENERATION_ONLY
                             and item.seq.num_computed < item.seq.num_prompt_tokens - 1),
             )
             for item in scheduled
@@ -169,7 +171,7 @@ class LLMEngine:
             if item.seq.num_computed == item.seq.num_cached_tokens and item.seq.num_cached_tokens:
                 self._prefix_hit_tokens += item.seq.num_cached_tokens
             item.seq.num_computed += item.num_tokens
-            if item.seq.role is not Role.GENERATION_ONLY:
+            if item.seq.request_type is not RequestType.GENERATION_ONLY:
                 self.block_manager.register_full_blocks(
                     item.seq.block_table, item.seq.token_ids, item.seq.num_computed, item.seq.block_hash_chain
                 )
@@ -241,7 +243,7 @@ class LLMEngine:
         seq.output_log_probs.append(log_prob)
         seq.output_top_log_probs.append(top)
         reason = self._finish_reason(seq, token)
-        if reason is None and seq.role is not Role.CONTEXT_ONLY:
+        if reason is None and seq.request_type is not RequestType.CONTEXT_ONLY:
             return self._emit(seq, finished=False)
         return self._finish(seq, reason)
 
@@ -284,7 +286,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str | None) -> RequestOutput:
         self.scheduler.remove(seq)
         output = self._emit(seq, finished=True, reason=reason)
-        if seq.role is Role.CONTEXT_ONLY and reason is None:
+        if seq.request_type is RequestType.CONTEXT_ONLY and reason is None:
             seq.status = Status.KV_HELD
             output.kv_block_ids = list(seq.block_table)
             return output

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.engine.sequence import Role, StartPull
+from python_backend_utils.engine.sequence import RequestType, StartPull
 from python_backend_utils.errors import EngineDeadError, RequestAbortedError
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class EngineLoop:
         on_output: Callable[[RequestOutput], None],
         is_cancelled: Callable[[], bool] = lambda: False,
         on_error: Callable[[Exception], None] | None = None,
-        role: Role = Role.BOTH,
+        request_type: RequestType = RequestType.CONTEXT_AND_GENERATION,
     ) -> None:
         """Queue a request prefilled here (aggregated or context-only).
 
@@ -93,7 +93,7 @@ class EngineLoop:
         the loop does not wait for it)."""
         self._check(prompt_ids, params)
         self._submit(request_id, _Subscriber(on_output, is_cancelled, on_error),
-                     lambda: self.engine.add_request(request_id, prompt_ids, params, role))
+                     lambda: self.engine.add_request(request_id, prompt_ids, params, request_type))
 
     def submit_generation(
         self,

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from python_backend_utils.engine.block_manager import BlockManager
-from python_backend_utils.engine.sequence import Role, Sequence, Status
+from python_backend_utils.engine.sequence import RequestType, Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Scheduler:
         while self.waiting and budget > 0 and self._active() < self.max_num_seqs:
             seq = self.waiting[0]
             # Prompt log-probabilities need every prompt token's logits: nothing of it may come from the cache.
-            reuse = seq.role is not Role.GENERATION_ONLY and not seq.params.prompt_log_probs
+            reuse = seq.request_type is not RequestType.GENERATION_ONLY and not seq.params.prompt_log_probs
             if not self.block_manager.can_allocate(seq.token_ids, reuse_prefix=reuse):
                 break
             self.waiting.popleft()

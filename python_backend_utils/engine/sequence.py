@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 StartPull = Callable[[list[int]], Future]
 
 
-class Role(enum.Enum):
-    """Which phases this instance runs for a request."""
+class RequestType(enum.Enum):
+    """Which phases this instance runs for a request (TensorRT-LLM's request types)."""
 
-    BOTH = "both"  # aggregated: prefill and decode here
+    CONTEXT_AND_GENERATION = "context_and_generation"  # aggregated: prefill and decode here
     CONTEXT_ONLY = "context_only"  # prefill, first token, then hold the KV for a generation instance
     GENERATION_ONLY = "generation_only"  # KV arrives from a context instance, decode here
 
@@ -48,7 +48,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    role: Role = Role.BOTH
+    request_type: RequestType = RequestType.CONTEXT_AND_GENERATION
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

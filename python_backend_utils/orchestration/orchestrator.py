@@ -37,9 +37,9 @@ from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers
 from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
 from python_backend_utils.orchestration.stats import OrchestratorStats
 from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
-from python_backend_utils.serving import triton_io
-from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
-from python_backend_utils.serving.triton_io import ResponseAssembler, generation_request, request_inputs
+from python_backend_utils.triton_glue import io as triton_io
+from python_backend_utils.triton_glue.io import ResponseAssembler, generation_request, request_inputs
+from python_backend_utils.triton_glue.responses import FINAL, error_response, send_tensors
 
 logger = logging.getLogger(__name__)
 

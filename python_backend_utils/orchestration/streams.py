@@ -19,7 +19,7 @@ from python_backend_utils.errors import is_client_error_message
 from python_backend_utils.orchestration.admission import held
 from python_backend_utils.orchestration.remote import ClientError, WorkerFailed
 from python_backend_utils.orchestration.routing import Target
-from python_backend_utils.serving.stub_recovery import is_dead_stub_error
+from python_backend_utils.triton_glue.stub_recovery import is_dead_stub_error
 
 _END = object()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from python_backend_utils.environment import KEY_FILE_ENV
+from python_backend_utils.errors import InvalidRequestError
 
 _MAGIC = b"CPP2"
 _HEADER = struct.Struct("<4sIIHI")  # magic, first token, prompt tokens, instance-name length, handle length
@@ -34,7 +35,7 @@ KEY_FILE_PARAMETER = "kv_key_file"  # config.pbtxt parameter; wins over the envi
 MIN_KEY_BYTES = 32
 
 
-class MalformedContextParamsError(ValueError):
+class MalformedContextParamsError(InvalidRequestError):
     """context_phase_params is truncated, oversized or not ours."""
 
 

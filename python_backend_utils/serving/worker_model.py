@@ -31,20 +31,15 @@ from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.sampling_params import check_token_ids
-from python_backend_utils.engine.sequence import Role
+from python_backend_utils.engine.sequence import RequestType
 from python_backend_utils.serving.context_params import (
     ContextPhaseParams,
     MalformedContextParamsError,
     load_deployment_key,
 )
-from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
-from python_backend_utils.serving.metric_names import ENGINE_METRICS, PARAMS_METRICS, TRANSFER_METRICS
-from python_backend_utils.serving.metrics import MetricSet
 from python_backend_utils.serving.placement import pin_instance, threads_for
-from python_backend_utils.serving.responses import FINAL, error_response, send_tensors
-from python_backend_utils.serving.server_watch import exit_with_server
-from python_backend_utils.serving.stub_recovery import exit_stub
-from python_backend_utils.serving.triton_io import (
+from python_backend_utils.triton_glue.detailed_metrics import detailed_metrics, published
+from python_backend_utils.triton_glue.io import (
     ResponseAssembler,
     generation_request,
     model_parameters,
@@ -52,6 +47,11 @@ from python_backend_utils.serving.triton_io import (
     request_inputs,
     top_log_prob_tensors,
 )
+from python_backend_utils.triton_glue.metric_names import ENGINE_METRICS, PARAMS_METRICS, TRANSFER_METRICS
+from python_backend_utils.triton_glue.metrics import MetricSet
+from python_backend_utils.triton_glue.responses import FINAL, error_response, send_tensors
+from python_backend_utils.triton_glue.server_watch import exit_with_server
+from python_backend_utils.triton_glue.stub_recovery import exit_stub
 
 
 class ResponseStream:
@@ -190,7 +190,7 @@ class LLMModel:
             publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end,
                                          self.params_key, generation.prompt_ids, generation.params.top_logprobs)
             self.loop.submit(request_id, generation.prompt_ids, generation.params, publisher.on_output,
-                             sender.is_cancelled, publisher.on_error, role=Role.CONTEXT_ONLY)
+                             sender.is_cancelled, publisher.on_error, request_type=RequestType.CONTEXT_ONLY)
             return
         stream = ResponseStream(sender, ResponseAssembler(generation), on_end)
         if self.role == "generation" and "context_phase_params" in inputs:

@@ -6,7 +6,7 @@ import json
 import re
 
 from openai_frontend.metrics import FrontendMetrics
-from python_backend_utils.serving.metric_names import (
+from python_backend_utils.triton_glue.metric_names import (
     ENGINE_METRICS,
     ORCHESTRATOR_METRICS,
     PARAMS_METRICS,

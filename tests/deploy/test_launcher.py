@@ -297,7 +297,7 @@ def test_bodies_that_crashed_triton_are_answered_and_a_crash_is_restarted(tmp_pa
 
 LEFTOVER_BOUND_S = 30
 # Each stub ends itself once its server is gone, as our models' stubs do, and loads for a second.
-WATCHED_SLOW_LOAD = ("from python_backend_utils.serving.server_watch import exit_with_server; exit_with_server(); "
+WATCHED_SLOW_LOAD = ("from python_backend_utils.triton_glue.server_watch import exit_with_server; exit_with_server(); "
                      "import time; time.sleep(1)")
 
 

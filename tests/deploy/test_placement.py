@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
 from launcher.cli import parse_args, prepare_repository
 from launcher.placement import cgroup_cpu_limit, instance_counts, split_cores
-from launcher.repository import Setting, render_repository
+from launcher.repository import Setting, read_config, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from python_backend_utils.serving.placement import parse_core_sets, threads_for
 
@@ -17,8 +16,7 @@ CORES = sorted(os.sched_getaffinity(0))
 
 
 def cpu_cores(repository, model: str) -> str:
-    text = (repository / model / "config.pbtxt").read_text()
-    return re.search(r'key: "cpu_cores", value: { string_value: "([^"]*)"', text).group(1)
+    return read_config(repository / model / "config.pbtxt").parameters["cpu_cores"].string_value
 
 
 def test_two_cores_give_each_phase_a_core_or_the_aggregated_engine_both():
@@ -73,7 +71,7 @@ def test_the_launcher_gives_context_and_generation_cores_of_their_own(tmp_path):
     context, generation = (parse_core_sets(cpu_cores(repository, m)) for m in ("context", "generation"))
     assert len(context) == len(generation) == 1 and not context[0] & generation[0]
     assert context[0] | generation[0] == set(CORES)
-    assert 'key: "dtype", value: { string_value: "float32" }' in (repository / "context" / "config.pbtxt").read_text()
+    assert read_config(repository / "context" / "config.pbtxt").parameters["dtype"].string_value == "float32"
 
 
 def test_cores_set_by_hand_and_the_role_modes_are_left_alone(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.engine.sequence import Role
+from python_backend_utils.engine.sequence import RequestType
 from python_backend_utils.environment import default_model_dir
 from python_backend_utils.errors import CapacityError, InvalidRequestError
 from tests.engine.checkpoints import (
@@ -218,7 +218,7 @@ def _copy_blocks(source: LLMEngine, source_blocks: list[int], target: LLMEngine,
 def test_context_then_generation_equals_aggregated(tiny_dir, tiny_reference):
     context, generation = tiny_engine(tiny_dir), tiny_engine(tiny_dir)
     prompt = list(range(50, 61))
-    context.add_request("req", prompt, greedy(9), role=Role.CONTEXT_ONLY)
+    context.add_request("req", prompt, greedy(9), request_type=RequestType.CONTEXT_ONLY)
     (handoff,) = run_to_completion(context)["req"]
     assert handoff.finished and handoff.finish_reason is None and len(handoff.token_ids) == 1
     assert context.stats().num_kv_held == 1

@@ -14,7 +14,7 @@ from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.grammar import Grammars, GrammarViolationError, apply_grammar_masks
 from python_backend_utils.engine.sampling_params import GuidedDecoding, SamplingParams
-from python_backend_utils.engine.sequence import Role
+from python_backend_utils.engine.sequence import RequestType
 from python_backend_utils.environment import default_model_dir
 from python_backend_utils.errors import InvalidRequestError
 from tests.engine.checkpoints import run_to_completion, tokens_of
@@ -127,7 +127,7 @@ def test_the_generation_role_continues_the_grammar_from_the_context_roles_first_
     prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
     engine.add_request("whole", prompt, sampled(7))
     whole = tokens_of(run_to_completion(engine)["whole"])
-    engine.add_request("ctx", prompt, sampled(7), role=Role.CONTEXT_ONLY)
+    engine.add_request("ctx", prompt, sampled(7), request_type=RequestType.CONTEXT_ONLY)
     [first] = run_to_completion(engine)["ctx"]
     engine.release_kv("ctx")
     assert first.token_ids == whole[:1]

@@ -13,7 +13,7 @@ from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
 from python_backend_utils.engine.sampler import sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.engine.sequence import Role
+from python_backend_utils.engine.sequence import RequestType
 from python_backend_utils.errors import InvalidRequestError
 from tests.engine.checkpoints import build_tiny_checkpoint, reference_greedy, run_to_completion, tokens_of
 
@@ -178,7 +178,7 @@ def test_blocks_of_an_ended_request_stay_out_of_reach_until_its_pull_is_done(tin
 def test_an_abort_leaves_published_kv_to_its_release(engine):
     """A context request's held KV may be read by a peer at any moment: only the transfer agent's
     release frees it, whatever else ends the request."""
-    engine.add_request("held", list(range(30, 41)), greedy(), role=Role.CONTEXT_ONLY)
+    engine.add_request("held", list(range(30, 41)), greedy(), request_type=RequestType.CONTEXT_ONLY)
     [handoff] = run_to_completion(engine)["held"]
     used = engine.stats().num_blocks - engine.stats().num_free_blocks
     assert used == len(handoff.kv_block_ids) > 0

@@ -27,7 +27,12 @@ from kv_transfer.layout import SharedPool
 from kv_transfer.liveness import ProcessIdentity
 from launcher.server import ADMIN_HEADER
 from python_backend_utils.serving.context_params import ContextPhaseParams
-from python_backend_utils.serving.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_BYTES, MAX_WORD_LIST_IDS, MAX_WORDS
+from python_backend_utils.triton_glue.input_limits import (
+    MAX_PROMPT_IDS,
+    MAX_WORD_LIST_BYTES,
+    MAX_WORD_LIST_IDS,
+    MAX_WORDS,
+)
 from tests.helpers import metric_values, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 from tests.helpers import PROMPTS, generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from client.generate import GenerateRequest, generate_grpc, generate_http, infer_inputs
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 from tests.helpers import post_json, stream_results
 
 pytestmark = pytest.mark.integration

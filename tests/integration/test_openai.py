@@ -16,7 +16,7 @@ from launcher.openai_process import OpenAIFrontend
 from launcher.ports import free_ports
 from openai_frontend.chat_template import ChatTemplate
 from python_backend_utils.environment import DEFAULT_MODEL_NAME, default_model_dir
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 from tests.helpers import generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from transformers import (
 from launcher.openai_process import OpenAIFrontend
 from launcher.ports import free_ports
 from python_backend_utils.environment import DEFAULT_MODEL_NAME, default_model_dir
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.integration
 

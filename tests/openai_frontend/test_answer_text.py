@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from openai_frontend.text import AnswerText
-from python_backend_utils.serving.tokenizer import load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 
 ANSWER = "The capital of France is Paris. It is known for the Eiffel Tower, café culture and ☕."
 

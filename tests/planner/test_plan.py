@@ -8,13 +8,13 @@ import yaml
 from client.metrics import Slo
 from planner import plan
 from planner.plan import Evaluation, PlanError, best, evaluate, render_deployment, smallest_meeting, splits
-from planner.simulator import Deployment, SimulatedRequest
-from python_backend_utils.orchestration.deployment import Deployment as ServingDeployment
+from planner.simulator import SimulatedDeployment, SimulatedRequest
+from python_backend_utils.orchestration.deployment import Deployment
 from tests.planner.test_simulator import calibration
 
 
 def evaluation(context: int, generation: int, goodput: float, attainment: float) -> Evaluation:
-    return Evaluation(Deployment(context_workers=context, generation_workers=generation), goodput, attainment,
+    return Evaluation(SimulatedDeployment(context_workers=context, generation_workers=generation), goodput, attainment,
                       100.0, 10.0, 1.0)
 
 
@@ -57,9 +57,9 @@ def test_the_deployment_file_keeps_the_base_and_validates():
     raw = yaml.safe_load(text)
     assert raw["context_servers"] == {"num_instances": 3, "router": {"type": "round_robin"}}
     assert raw["context_timeout_s"] == 30 and base["context_servers"]["num_instances"] == 1
-    parsed = ServingDeployment.from_text(text)
+    parsed = Deployment.from_text(text)
     assert (parsed.context_servers.num_instances, parsed.generation_servers.num_instances) == (3, 2)
-    assert ServingDeployment.from_text(render_deployment(1, 1)).context_servers.router.type == "kv_cache_aware"
+    assert Deployment.from_text(render_deployment(1, 1)).context_servers.router.type == "kv_cache_aware"
     with pytest.raises(PlanError, match="invalid"):
         render_deployment(1, 1, {"generation_servers": {"router": {"type": "random"}}})
 
@@ -79,5 +79,5 @@ def test_the_command_prints_the_table_and_writes_the_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert status == 0
     assert "| 1 ctx + 2 gen |" in printed and "| 3 aggregated |" in printed and "best split:" in printed
-    deployment = ServingDeployment.load(out)
+    deployment = Deployment.load(out)
     assert deployment.context_servers.num_instances + deployment.generation_servers.num_instances == 3

@@ -6,14 +6,14 @@ from client.datasets import parse_mix, poisson_arrivals
 from client.metrics import Slo
 from client.results import RunResult
 from planner import predict
-from planner.simulator import Deployment
+from planner.simulator import SimulatedDeployment
 from tests.planner.test_simulator import calibration
 
 
 def test_classes_come_in_exact_proportions_and_arrivals_as_the_load_generator_sends_them():
     requests = predict.draw_requests(parse_mix("0.25:2048:32,0.75:128:64"), 16, "0-measured")
     assert sorted((r.input_tokens, r.output_tokens) for r in requests) == [(128, 64)] * 12 + [(2048, 32)] * 4
-    result = predict.predict(calibration(), Deployment(context_workers=1, generation_workers=1),
+    result = predict.predict(calibration(), SimulatedDeployment(context_workers=1, generation_workers=1),
                              parse_mix("0.25:2048:32,0.75:128:64"), 16, 0, None, 0.2, Slo(), "test")
     assert sorted(m.start_s for m in result.requests) == poisson_arrivals(0.2, 16, "0-arrivals")
 

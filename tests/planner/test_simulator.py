@@ -8,7 +8,7 @@ import random
 import pytest
 
 from planner.calibration import Calibration
-from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest, Workload, simulate
+from planner.simulator import SchedulerLimits, SimulatedDeployment, SimulatedRequest, Workload, simulate
 
 
 def calibration(**changes) -> Calibration:
@@ -22,8 +22,8 @@ def calibration(**changes) -> Calibration:
     return Calibration(**{**values, **changes})
 
 
-def one_at_a_time(limits_seqs: int = 1) -> Deployment:
-    return Deployment(aggregated_workers=1, limits=SchedulerLimits(max_num_seqs=limits_seqs))
+def one_at_a_time(limits_seqs: int = 1) -> SimulatedDeployment:
+    return SimulatedDeployment(aggregated_workers=1, limits=SchedulerLimits(max_num_seqs=limits_seqs))
 
 
 @pytest.mark.parametrize("load", [0.5, 0.8])
@@ -60,7 +60,7 @@ def test_a_batch_prefills_in_one_step_then_decodes_together():
 
 def test_a_prompt_over_the_token_budget_is_prefilled_in_chunks():
     cal = calibration()
-    deployment = Deployment(aggregated_workers=1, limits=SchedulerLimits(max_num_batched_tokens=4096))
+    deployment = SimulatedDeployment(aggregated_workers=1, limits=SchedulerLimits(max_num_batched_tokens=4096))
     [m] = simulate(cal, deployment, Workload((SimulatedRequest(5000, 2),), concurrency=1))
     assert m.ttft_s == pytest.approx(cal.prefill_time(4096) + cal.prefill_time(904, cached_tokens=4096))
 
@@ -82,7 +82,7 @@ def test_a_full_kv_cache_preempts_the_newest_sequence_which_still_completes():
 
 def test_a_disaggregated_request_gets_its_first_token_from_context_then_pulls_the_kv():
     cal = calibration(request_overhead_s=0.1, disaggregated_overhead_s=0.05)
-    deployment = Deployment(context_workers=1, generation_workers=1)
+    deployment = SimulatedDeployment(context_workers=1, generation_workers=1)
     [m] = simulate(cal, deployment, Workload((SimulatedRequest(1000, 3),), concurrency=1))
     assert m.ttft_s == pytest.approx(0.15 + cal.prefill_time(1000))
     assert m.itl_s == pytest.approx([cal.kv_transfer_time(1000) + cal.decode_step_time(1, 1001),
@@ -92,13 +92,13 @@ def test_a_disaggregated_request_gets_its_first_token_from_context_then_pulls_th
 def test_requests_spread_over_aggregated_workers():
     cal = calibration()
     workload = Workload(tuple(SimulatedRequest(100, 2) for _ in range(2)), concurrency=2)
-    both = simulate(cal, Deployment(aggregated_workers=2), workload)
+    both = simulate(cal, SimulatedDeployment(aggregated_workers=2), workload)
     assert [m.ttft_s for m in both] == pytest.approx([cal.prefill_time(100)] * 2)
 
 
 def test_a_deployment_is_one_kind_or_the_other():
     with pytest.raises(ValueError, match="not both"):
-        Deployment(aggregated_workers=1, context_workers=1, generation_workers=1)
+        SimulatedDeployment(aggregated_workers=1, context_workers=1, generation_workers=1)
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_before_simulating():
@@ -109,7 +109,7 @@ def test_a_request_larger_than_the_kv_cache_is_refused_before_simulating():
 
 def test_a_ramp_spreads_a_closed_loop_s_first_requests_then_keeps_the_loop_closed():
     workload = Workload(tuple(SimulatedRequest(100, 4) for _ in range(6)), concurrency=3, ramp_s=3.0)
-    measured = simulate(calibration(), Deployment(aggregated_workers=1), workload)
+    measured = simulate(calibration(), SimulatedDeployment(aggregated_workers=1), workload)
     assert [m.start_s for m in measured[:3]] == [0.0, 1.0, 2.0]
     ends = sorted(m.start_s + m.e2e_s for m in measured)
     assert [m.start_s for m in measured[3:]] == pytest.approx(ends[:3])  # each completion sends the next

@@ -10,7 +10,7 @@ import pytest
 
 from client.datasets import LengthDistribution, WorkloadClass
 from client.metrics import OK, RequestMeasurement, Slo
-from planner.simulator import Deployment, SchedulerLimits, SimulatedRequest, Workload, simulate
+from planner.simulator import SchedulerLimits, SimulatedDeployment, SimulatedRequest, Workload, simulate
 from planner.study import (
     StudyPoint,
     best_split,
@@ -110,7 +110,7 @@ def test_a_lone_request_is_what_the_simulator_gives_one_request_on_one_worker():
     classes = (WorkloadClass(1.0, LengthDistribution("fixed", 300), LengthDistribution("fixed", 20)),)
     limits = SchedulerLimits(max_num_batched_tokens=128)  # three prefill chunks
     lone = lone_request(cal, classes, limits)
-    [m] = simulate(cal, Deployment(aggregated_workers=1, limits=limits),
+    [m] = simulate(cal, SimulatedDeployment(aggregated_workers=1, limits=limits),
                    Workload((SimulatedRequest(300, 20),), concurrency=1))
     assert lone.ttft_s == pytest.approx(m.ttft_s)
     assert lone.tpot_s == pytest.approx(m.tpot_s)

@@ -7,7 +7,7 @@ import pytest
 
 from python_backend_utils.engine.sampling_params import GuidedDecoding
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.triton_io import generation_request
+from python_backend_utils.triton_glue.io import generation_request
 
 PROMPT = {"input_ids": np.array([1, 2, 3], np.int32)}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from python_backend_utils.engine.sampling_params import SamplingParams
-from python_backend_utils.serving.triton_io import (
+from python_backend_utils.triton_glue.io import (
     GenerationRequest,
     ResponseAssembler,
     joined_outputs,

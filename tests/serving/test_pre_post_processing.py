@@ -8,9 +8,8 @@ import pytest
 
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.detokenize import PRECEDING_TOKENS, complete_text, decode_increment
-from python_backend_utils.serving.tokenizer import load_tokenizer
-from python_backend_utils.serving.triton_io import (
+from python_backend_utils.triton_glue.detokenize import PRECEDING_TOKENS, complete_text, decode_increment
+from python_backend_utils.triton_glue.io import (
     GenerationRequest,
     ResponseAssembler,
     decode_text,
@@ -18,6 +17,7 @@ from python_backend_utils.serving.triton_io import (
     encode_word_list,
     generation_request,
 )
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from python_backend_utils.orchestration.local_instances import LocalInstances
 from python_backend_utils.orchestration.membership import MembershipMonitor
 from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS_IN_FLIGHT, GROUPS, Orchestrator
 from python_backend_utils.orchestration.routing import Target
-from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
-from python_backend_utils.serving.metric_names import ORCHESTRATOR_METRICS, ROUTER_METRICS
-from python_backend_utils.serving.metrics import LabelledMetrics, MetricSet
-from python_backend_utils.serving.server_watch import exit_with_server
-from python_backend_utils.serving.stub_recovery import StubRecovery, StubWatch
-from python_backend_utils.serving.triton_io import model_parameters
+from python_backend_utils.triton_glue.detailed_metrics import detailed_metrics, published
+from python_backend_utils.triton_glue.io import model_parameters
+from python_backend_utils.triton_glue.metric_names import ORCHESTRATOR_METRICS, ROUTER_METRICS
+from python_backend_utils.triton_glue.metrics import LabelledMetrics, MetricSet
+from python_backend_utils.triton_glue.server_watch import exit_with_server
+from python_backend_utils.triton_glue.stub_recovery import StubRecovery, StubWatch
 
 
 class TritonPythonModel:

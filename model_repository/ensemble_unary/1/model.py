@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend_utils.errors import is_client_error_message, is_unavailable_message
-from python_backend_utils.serving.server_watch import exit_with_server
+from python_backend_utils.triton_glue.server_watch import exit_with_server
 
 ENSEMBLE = "ensemble"
 OUTPUTS = ["text_output", "cum_log_probs", "output_log_probs"]

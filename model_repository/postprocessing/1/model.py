@@ -4,10 +4,10 @@ outputs in TensorRT-LLM's [batch, beam, ...] shape, both of one."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.serving.detokenize import decode_increment
-from python_backend_utils.serving.server_watch import exit_with_server
-from python_backend_utils.serving.tokenizer import load_tokenizer
-from python_backend_utils.serving.triton_io import model_parameters, request_inputs
+from python_backend_utils.triton_glue.detokenize import decode_increment
+from python_backend_utils.triton_glue.io import model_parameters, request_inputs
+from python_backend_utils.triton_glue.server_watch import exit_with_server
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer
 
 
 class TritonPythonModel:

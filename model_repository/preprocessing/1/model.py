@@ -1,7 +1,7 @@
 """Tokenize text_input; encode stop/bad words in TensorRT-LLM's word-list layout; pass the
 sampling settings on, unbatched (the ensemble's inputs come with a batch dimension of one).
 
-Sizes are checked before anything is decoded or tokenized (python_backend_utils/serving/input_limits.py):
+Sizes are checked before anything is decoded or tokenized (python_backend_utils/triton_glue/input_limits.py):
 a text longer than can fit in the context window is refused at once.
 """
 
@@ -11,21 +11,21 @@ import triton_python_backend_utils as pb_utils
 from python_backend_utils.context_window import model_config, supported_window
 from python_backend_utils.environment import resolve_model_dir
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.input_limits import (
+from python_backend_utils.triton_glue.input_limits import (
     MAX_WORD_LIST_IDS,
     PromptTextLimit,
     check_size,
     check_words,
 )
-from python_backend_utils.serving.server_watch import exit_with_server
-from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
-from python_backend_utils.serving.triton_io import (
+from python_backend_utils.triton_glue.io import (
     decode_text,
     encode_word_list,
     model_parameters,
     request_inputs,
     scalar,
 )
+from python_backend_utils.triton_glue.server_watch import exit_with_server
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer, longest_token_bytes
 
 # The ensemble's sampling settings, handed to the middle step as OUT_<name> with the batch dimension dropped.
 PASSED_ON = ("REQUEST_OUTPUT_LEN", "STREAMING", "TEMPERATURE", "RUNTIME_TOP_K", "RUNTIME_TOP_P", "RANDOM_SEED",

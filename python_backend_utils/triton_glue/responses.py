@@ -11,14 +11,13 @@ from python_backend_utils.errors import (
     RequestAbortedError,
     client_error_message,
 )
-from python_backend_utils.serving.context_params import MalformedContextParamsError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def error_response(error: Exception) -> pb_utils.InferenceResponse:
     """INVALID_ARG for what the client must change, CANCELLED for aborts, INTERNAL for the rest."""
-    if isinstance(error, (InvalidRequestError, CapacityError, MalformedContextParamsError)):
+    if isinstance(error, (InvalidRequestError, CapacityError)):
         code = pb_utils.TritonError.INVALID_ARG
     elif isinstance(error, RequestAbortedError):
         code = pb_utils.TritonError.CANCELLED

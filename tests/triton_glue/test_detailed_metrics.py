@@ -7,7 +7,7 @@ import re
 import pytest
 
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from python_backend_utils.serving.detailed_metrics import detailed_metrics, published
+from python_backend_utils.triton_glue.detailed_metrics import detailed_metrics, published
 
 DESCRIPTIONS = {
     "kv_blocks_used": "KV blocks held",

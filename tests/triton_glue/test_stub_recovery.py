@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from python_backend_utils.serving.stub_recovery import (
+from python_backend_utils.triton_glue.stub_recovery import (
     ENGINE_DEAD_EXIT_STATUS,
     StubRecovery,
     StubWatch,
@@ -159,7 +159,7 @@ import sys, time
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
-from python_backend_utils.serving.stub_recovery import exit_stub
+from python_backend_utils.triton_glue.stub_recovery import exit_stub
 
 loop = EngineLoop(LLMEngine(EngineConfig(model_dir=sys.argv[1], num_kv_blocks=16, block_size=16)), on_death=exit_stub)
 loop.start()

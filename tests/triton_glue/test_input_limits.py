@@ -9,7 +9,7 @@ import pytest
 from python_backend_utils.context_window import model_config, supported_window
 from python_backend_utils.environment import CheckpointNotFoundError, resolve_model_dir
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.input_limits import (
+from python_backend_utils.triton_glue.input_limits import (
     MAX_PROMPT_IDS,
     MAX_WORD_LIST_BYTES,
     MAX_WORD_LIST_IDS,
@@ -17,8 +17,8 @@ from python_backend_utils.serving.input_limits import (
     PromptTextLimit,
     check_words,
 )
-from python_backend_utils.serving.tokenizer import load_tokenizer, longest_token_bytes
-from python_backend_utils.serving.triton_io import decode_word_list, generation_request
+from python_backend_utils.triton_glue.io import decode_word_list, generation_request
+from python_backend_utils.triton_glue.tokenizer import load_tokenizer, longest_token_bytes
 
 
 def test_a_prompt_of_too_many_ids_is_refused():

@@ -13,7 +13,7 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.serving.metric_names import COUNTERS
+from python_backend_utils.triton_glue.metric_names import COUNTERS
 
 
 def _keep_for_the_process(metric) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 
 from python_backend_utils.engine.sampling_params import GuidedDecoding, SamplingParams
 from python_backend_utils.errors import InvalidRequestError
-from python_backend_utils.serving.detokenize import PRECEDING_TOKENS
-from python_backend_utils.serving.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_IDS, check_size
+from python_backend_utils.triton_glue.detokenize import PRECEDING_TOKENS
+from python_backend_utils.triton_glue.input_limits import MAX_PROMPT_IDS, MAX_WORD_LIST_IDS, check_size
 
 
 class TritonTensor(Protocol):

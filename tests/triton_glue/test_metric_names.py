@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from python_backend_utils.serving.metric_names import (
+from python_backend_utils.triton_glue.metric_names import (
     COUNTERS,
     ENGINE_METRICS,
     ORCHESTRATOR_METRICS,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from python_backend_utils.environment import CheckpointNotFoundError, resolve_model_dir
-from python_backend_utils.serving.tokenizer import FastTokenizer, load_tokenizer
+from python_backend_utils.triton_glue.tokenizer import FastTokenizer, load_tokenizer
 
 TEXTS = [
     "The capital of France is",
@@ -53,6 +53,6 @@ def test_a_config_that_adds_bos_itself_goes_through_transformers(model_dir, tmp_
 
 
 def test_loading_the_tokenizer_does_not_load_torch(model_dir):
-    code = ("import sys; from python_backend_utils.serving.tokenizer import load_tokenizer; "
+    code = ("import sys; from python_backend_utils.triton_glue.tokenizer import load_tokenizer; "
             f"load_tokenizer({{'model_dir': {str(model_dir)!r}}}).encode('hi'); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
