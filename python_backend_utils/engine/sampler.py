@@ -60,45 +60,40 @@ def seeded_uniforms(seeds: list[int], steps: list[int]) -> torch.Tensor:
 def apply_penalties(logits: torch.Tensor, histories: list[list[int]], num_prompt_tokens: list[int],
                     params: list[SamplingParams]) -> None:
     """logit_bias, then the repetition penalty (over prompt and output), then the frequency and
-    presence penalties (over output), in place, on the rows that ask for any (vLLM's order)."""
+    presence penalties (over output), in place, on the rows that ask for any (vLLM's order).
+
+    Each touches only the (row, token) pairs concerned: the cost follows the histories, not the vocabulary.
+    """
     rows = [row for row, p in enumerate(params) if p.penalized]
     if not rows:
         return
-    chosen = [params[row] for row in rows]
-    index = torch.tensor(rows, device=logits.device)
-    penalized = logits[index]
-    _add_logit_bias(penalized, [p.logit_bias for p in chosen])
-    repetition = torch.tensor([p.repetition_penalty for p in chosen], device=logits.device).unsqueeze(1)
-    if bool((repetition != 1.0).any()):
-        seen = _token_counts([histories[row] for row in rows], logits.shape[1], logits.device) > 0
-        penalized = torch.where(seen, torch.where(penalized > 0, penalized / repetition, penalized * repetition),
-                                penalized)
-    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=logits.device).unsqueeze(1)
-    presence = torch.tensor([p.presence_penalty for p in chosen], device=logits.device).unsqueeze(1)
-    if bool((frequency != 0).any() or (presence != 0).any()):
-        outputs = [histories[row][num_prompt_tokens[row]:] for row in rows]
-        counts = _token_counts(outputs, logits.shape[1], logits.device)
-        penalized = penalized - frequency * counts - presence * (counts > 0)
-    logits[index] = penalized.to(logits.dtype)
+    biased = [(row, token, bias) for row in rows for token, bias in params[row].logit_bias]
+    if biased:
+        row_ids, token_ids, biases = zip(*biased)
+        logits.index_put_((torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device)),
+                          torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+    repeated = [row for row in rows if params[row].repetition_penalty != 1.0]
+    if repeated:
+        row_ids, token_ids, _ = _token_counts({row: histories[row] for row in repeated}, logits.shape[1], logits.device)
+        penalty = torch.tensor([params[row].repetition_penalty for row in row_ids.tolist()], dtype=logits.dtype,
+                               device=logits.device)
+        seen = logits[row_ids, token_ids]
+        logits[row_ids, token_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    counted = [row for row in rows if params[row].frequency_penalty != 0.0 or params[row].presence_penalty != 0.0]
+    if counted:
+        outputs = {row: histories[row][num_prompt_tokens[row]:] for row in counted}
+        row_ids, token_ids, counts = _token_counts(outputs, logits.shape[1], logits.device)
+        settings = [(params[row].frequency_penalty, params[row].presence_penalty) for row in row_ids.tolist()]
+        frequency, presence = torch.tensor(settings, dtype=logits.dtype, device=logits.device).reshape(-1, 2).unbind(1)
+        logits[row_ids, token_ids] -= frequency * counts.to(logits.dtype) + presence
 
 
-def _add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> None:
-    rows = [row for row, bias in enumerate(biases) for _ in bias]
-    if rows:
-        ids = [token for bias in biases for token, _ in bias]
-        values = torch.tensor([value for bias in biases for _, value in bias], dtype=logits.dtype)
-        logits.index_put_((torch.tensor(rows), torch.tensor(ids)), values.to(logits.device), accumulate=True)
-
-
-def _token_counts(histories: list[list[int]], vocab_size: int, device) -> torch.Tensor:
-    """[rows, vocab] float: how often each token occurs in each row's history."""
-    counts = torch.zeros(len(histories), vocab_size, device=device)
-    flat = [token for history in histories for token in history]
-    if flat:
-        rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([len(h) for h in histories]))
-        counts.index_put_((rows.to(device), torch.tensor(flat, device=device)), torch.ones(len(flat), device=device),
-                          accumulate=True)
-    return counts
+def _token_counts(histories: dict[int, list[int]], vocab_size: int, device) -> tuple[torch.Tensor, ...]:
+    """(row, token, count) of every distinct token of each row's history, as three tensors."""
+    keys = torch.tensor([row * vocab_size + token for row, history in histories.items() for token in history],
+                        dtype=torch.long, device=device)
+    distinct, counts = torch.unique(keys, return_counts=True)
+    return distinct // vocab_size, distinct % vocab_size, counts
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> SampledTokens:
