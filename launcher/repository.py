@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from python_backend_utils.orchestration.deployment import Deployment
-from python_backend_utils.orchestration.local_instances import VersionError, add_versions, remove_versions_above
+from python_backend_utils.orchestration.local_workers import VersionError, add_versions, remove_versions_above
 
 DEPLOYMENT_FILE = Path("disaggregated_serving_bls") / "disagg_config.yaml"
 INSTANCE_COUNT = "instance_count"

@@ -15,7 +15,7 @@ recommendation is the minimum, 1 + 1. A recommendation is acted on only when it 
 
 With `--apply` the deployment file is rewritten (atomically; everything but the instance counts
 kept). The orchestrator watching it does the rest (python_backend_utils/orchestration/
-local_instances.py): new instances are loaded before they take requests; removed ones leave
+local_workers.py): new instances are loaded before they take requests; removed ones leave
 rotation at once and are unloaded only when they hold no request and no unpulled KV.
 """
 
@@ -193,9 +193,9 @@ class Hysteresis:
 
 
 def serving_split(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> Split | None:
-    """The local instances the orchestrator's routers have in rotation (disagg_router_targets)."""
-    members = [labels for labels, value in metrics.get("disagg_router_targets", []) if value == 1.0
-               and "@" not in labels.get("target", "")]
+    """The local instances the orchestrator's routers have in rotation (disagg_router_workers)."""
+    members = [labels for labels, value in metrics.get("disagg_router_workers", []) if value == 1.0
+               and "@" not in labels.get("worker", "")]
     if not members:
         return None
     return Split(sum(m.get("group") == "context" for m in members),

@@ -64,7 +64,7 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
-class ServerGroup:
+class WorkerGroup:
     model_name: str
     num_instances: int = 1  # versions of the model on this server
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -87,8 +87,8 @@ class ServerGroup:
 
 @dataclass(frozen=True)
 class Deployment:
-    context_servers: ServerGroup = field(default_factory=lambda: ServerGroup("context"))
-    generation_servers: ServerGroup = field(default_factory=lambda: ServerGroup("generation"))
+    context_servers: WorkerGroup = field(default_factory=lambda: WorkerGroup("context"))
+    generation_servers: WorkerGroup = field(default_factory=lambda: WorkerGroup("generation"))
     # Prompts shorter than this many tokens skip the context instance (0: always disaggregate).
     min_disaggregated_prompt_tokens: int = 0
     context_timeout_s: float = 60.0
@@ -154,7 +154,7 @@ class Deployment:
         )
 
 
-def _group(model_name: str, raw: dict) -> ServerGroup:
+def _group(model_name: str, raw: dict) -> WorkerGroup:
     if not isinstance(raw, dict):
         raise DeploymentError(f"{model_name}_servers must be a mapping, got {type(raw).__name__}")
     unknown = set(raw) - {"num_instances", "router", "urls", "model_name"}
@@ -174,7 +174,7 @@ def _group(model_name: str, raw: dict) -> ServerGroup:
         num_instances = int(raw.get("num_instances", default_instances))
     except (TypeError, ValueError):
         raise DeploymentError(f"{model_name}_servers.num_instances={raw['num_instances']!r} is not a number") from None
-    return ServerGroup(
+    return WorkerGroup(
         model_name=raw.get("model_name", model_name),
         num_instances=num_instances,
         router=router,

@@ -1,4 +1,4 @@
-"""Who is in rotation: the targets a deployment names, edits of its file, and remote health.
+"""Who is in rotation: the workers a deployment names, edits of its file, and remote health.
 
 Membership follows the deployment file, which the orchestrator re-reads when it changes (a
 bad edit is logged and the last good deployment stays). Remote instances are asked for
@@ -22,29 +22,29 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from python_backend_utils.orchestration.deployment import Deployment, DeploymentError, ServerGroup
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.deployment import Deployment, DeploymentError, WorkerGroup
+from python_backend_utils.orchestration.routing import Worker
 
 logger = logging.getLogger(__name__)
 
 
-def group_targets(group: ServerGroup) -> list[Target]:
-    """Local versions 1..num_instances, then one target per url, in the file's order."""
-    local = [Target(group.model_name, version) for version in range(1, group.num_instances + 1)]
-    remote = [Target(group.model_name, address.version, address.endpoint) for address in group.remote]
+def group_workers(group: WorkerGroup) -> list[Worker]:
+    """Local versions 1..num_instances, then one worker per url, in the file's order."""
+    local = [Worker(group.model_name, version) for version in range(1, group.num_instances + 1)]
+    remote = [Worker(group.model_name, address.version, address.endpoint) for address in group.remote]
     return local + remote
 
 
 @dataclass(frozen=True)
 class MembershipChange:
-    added: tuple[Target, ...]
-    removed: tuple[Target, ...]
+    added: tuple[Worker, ...]
+    removed: tuple[Worker, ...]
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed)
 
 
-def diff_targets(old: list[Target], new: list[Target]) -> MembershipChange:
+def diff_workers(old: list[Worker], new: list[Worker]) -> MembershipChange:
     return MembershipChange(tuple(t for t in new if t not in old), tuple(t for t in old if t not in new))
 
 
@@ -83,7 +83,7 @@ class DeploymentWatcher:
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
-            stat = os.stat(self.path)  # follows links: a replaced target (a ConfigMap update) is seen too
+            stat = os.stat(self.path)  # follows links: a replaced worker (a ConfigMap update) is seen too
         except OSError:
             return None
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
@@ -96,61 +96,61 @@ class DeploymentWatcher:
 
 
 class HealthTracker:
-    """Consecutive failed checks per target; reports when a target's health flips."""
+    """Consecutive failed checks per worker; reports when a worker's health flips."""
 
     def __init__(self, failures_to_fail: int) -> None:
         self.failures_to_fail = failures_to_fail
-        self._failures: dict[Target, int] = {}
-        self.unhealthy: set[Target] = set()
+        self._failures: dict[Worker, int] = {}
+        self.unhealthy: set[Worker] = set()
         self._lock = threading.Lock()
 
-    def record(self, target: Target, ok: bool) -> bool | None:
-        """The target's new health when this result flips it, else None."""
+    def record(self, worker: Worker, ok: bool) -> bool | None:
+        """The worker's new health when this result flips it, else None."""
         with self._lock:
             if ok:
-                self._failures[target] = 0
-                if target in self.unhealthy:
-                    self.unhealthy.discard(target)
+                self._failures[worker] = 0
+                if worker in self.unhealthy:
+                    self.unhealthy.discard(worker)
                     return True
                 return None
-            self._failures[target] = self._failures.get(target, 0) + 1
-            if target not in self.unhealthy and self._failures[target] >= self.failures_to_fail:
-                self.unhealthy.add(target)
+            self._failures[worker] = self._failures.get(worker, 0) + 1
+            if worker not in self.unhealthy and self._failures[worker] >= self.failures_to_fail:
+                self.unhealthy.add(worker)
                 return False
             return None
 
-    def unreachable(self, target: Target) -> bool:
-        """A request could not reach the target: out of rotation now. True when that is news."""
+    def unreachable(self, worker: Worker) -> bool:
+        """A request could not reach the worker: out of rotation now. True when that is news."""
         with self._lock:
-            self._failures[target] = max(self._failures.get(target, 0), self.failures_to_fail)
-            if target in self.unhealthy:
+            self._failures[worker] = max(self._failures.get(worker, 0), self.failures_to_fail)
+            if worker in self.unhealthy:
                 return False
-            self.unhealthy.add(target)
+            self.unhealthy.add(worker)
             return True
 
-    def keep_only(self, targets: list[Target]) -> None:
-        """Forget targets no longer checked: one that comes back starts healthy, like a new one."""
+    def keep_only(self, workers: list[Worker]) -> None:
+        """Forget workers no longer checked: one that comes back starts healthy, like a new one."""
         with self._lock:
-            for target in [t for t in self._failures if t not in targets]:
-                del self._failures[target]
-            self.unhealthy &= set(targets)
+            for worker in [t for t in self._failures if t not in workers]:
+                del self._failures[worker]
+            self.unhealthy &= set(workers)
 
 
-def probe(client, target: Target, timeout_s: float) -> bool:
-    """Is the server ready and is the target's model version ready on it?"""
+def probe(client, worker: Worker, timeout_s: float) -> bool:
+    """Is the server ready and is the worker's model version ready on it?"""
     try:
         return bool(client.is_server_ready(client_timeout=timeout_s)) and bool(
-            client.is_model_ready(target.model_name, str(target.version), client_timeout=timeout_s)
+            client.is_model_ready(worker.model_name, str(worker.version), client_timeout=timeout_s)
         )
     except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean not ready
         return False
 
 
 class MembershipMonitor:
-    """A background thread: watches the deployment file and checks remote targets' health.
+    """A background thread: watches the deployment file and checks remote workers' health.
 
-    `on_deployment(deployment)` applies a new deployment; `on_health(target, healthy)` moves a
-    target in or out of rotation; `on_tick()` runs after every round (metrics). The checks use
+    `on_deployment(deployment)` applies a new deployment; `on_health(worker, healthy)` moves a
+    worker in or out of rotation; `on_tick()` runs after every round (metrics). The checks use
     synchronous gRPC clients of their own (one per server), off the request path's event loop.
     """
 
@@ -158,16 +158,16 @@ class MembershipMonitor:
         self,
         deployment: Deployment,
         path: str | Path | None,
-        remote_targets: Callable[[], list[Target]],
+        remote_workers: Callable[[], list[Worker]],
         on_deployment: Callable[[Deployment], None],
-        on_health: Callable[[Target, bool], None],
+        on_health: Callable[[Worker, bool], None],
         on_tick: Callable[[], None],
         client_factory: Callable[[str], object] | None = None,
     ) -> None:
         self.deployment = deployment
         self.watcher = DeploymentWatcher(path, deployment) if path is not None else None
         self.health = HealthTracker(deployment.health_check_failures)
-        self._remote_targets = remote_targets
+        self._remote_workers = remote_workers
         self._on_deployment = on_deployment
         self._on_health = on_health
         self._on_tick = on_tick
@@ -189,27 +189,27 @@ class MembershipMonitor:
             _close(client)
         self._clients.clear()
 
-    def unreachable(self, target: Target) -> None:
-        """Called by the request path when a target could not be reached."""
-        if self.health.unreachable(target):
-            logger.warning("%s unreachable: out of rotation until a health check passes", target)
-            self._on_health(target, False)
+    def unreachable(self, worker: Worker) -> None:
+        """Called by the request path when a worker could not be reached."""
+        if self.health.unreachable(worker):
+            logger.warning("%s unreachable: out of rotation until a health check passes", worker)
+            self._on_health(worker, False)
 
     def check_health(self) -> None:
-        """One round of checks over every remote target in rotation or draining."""
-        targets = self._remote_targets()
-        self.health.keep_only(targets)
-        for url in [u for u in self._clients if u not in {t.url for t in targets}]:
+        """One round of checks over every remote worker in rotation or draining."""
+        workers = self._remote_workers()
+        self.health.keep_only(workers)
+        for url in [u for u in self._clients if u not in {t.url for t in workers}]:
             _close(self._clients.pop(url))
-        clients = {t: self._client(t.url) for t in targets}
+        clients = {t: self._client(t.url) for t in workers}
         timeout = self.deployment.health_check_timeout_s
-        results = self._probes.map(lambda t: (t, probe(clients[t], t, timeout)), targets)
-        for target, ok in results:
-            flipped = self.health.record(target, ok)
+        results = self._probes.map(lambda t: (t, probe(clients[t], t, timeout)), workers)
+        for worker, ok in results:
+            flipped = self.health.record(worker, ok)
             if flipped is not None:
-                logger.warning("%s is %s", target, "healthy again: back in rotation" if flipped
+                logger.warning("%s is %s", worker, "healthy again: back in rotation" if flipped
                                else "not ready: out of rotation")
-                self._on_health(target, flipped)
+                self._on_health(worker, flipped)
 
     def poll_deployment(self) -> None:
         if self.watcher is None or not self.deployment.watch_interval_s:

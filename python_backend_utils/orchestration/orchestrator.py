@@ -8,7 +8,7 @@ threshold go straight there. A generation call that fails before its first respo
 once more on another generation instance. The client-facing responses are assembled here, so
 streaming and non-streaming clients see exactly what the aggregated model would send.
 
-Instances are targets of two kinds behind the same routers and the same logic: versions of a
+Instances are workers of two kinds behind the same routers and the same logic: versions of a
 model on this server, reached through BLS, and models on other servers (`remote.py`, gRPC).
 Membership changes at runtime (`apply`, `set_health`, called from the membership thread).
 """
@@ -32,9 +32,9 @@ from python_backend_utils.errors import UNAVAILABLE_PREFIX, InvalidRequestError,
 from python_backend_utils.orchestration.admission import THREADS_PER_REQUEST, Admission, current_ticket, held
 from python_backend_utils.orchestration.cancellation import ClientCancelled, unless_cancelled
 from python_backend_utils.orchestration.deployment import Deployment
-from python_backend_utils.orchestration.membership import diff_targets, group_targets
-from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers, TargetUnreachable, WorkerFailed
-from python_backend_utils.orchestration.routing import NoTargetError, Router, Target, make_router
+from python_backend_utils.orchestration.membership import diff_workers, group_workers
+from python_backend_utils.orchestration.remote import ClientError, RemoteWorkers, WorkerFailed, WorkerUnreachable
+from python_backend_utils.orchestration.routing import NoWorkerError, Router, Worker, make_router
 from python_backend_utils.orchestration.stats import OrchestratorStats
 from python_backend_utils.orchestration.streams import LocalStream, StubDied, WorkerStream
 from python_backend_utils.triton_glue import io as triton_io
@@ -61,17 +61,17 @@ GROUPS = ("context", "generation")
 class ContextResult:
     outputs: dict[str, np.ndarray]  # the first token, its log-probabilities, the prompt's if asked for
     params: np.ndarray | None  # context_phase_params; None when the request ended at its first token
-    target: Target
+    worker: Worker
     worker_id: str  # the context instance holds the KV under this request id until it is pulled
 
 
 class InstanceWatch(Protocol):
     """Whoever supervises the instances (the BLS model): told when a routed request could not reach a
-    remote target, or found the stub of one on this server dead; asked whether such a stub lives."""
+    remote worker, or found the stub of one on this server dead; asked whether such a stub lives."""
 
-    def unreachable(self, target: Target) -> None: ...
-    def stub_died(self, target: Target) -> None: ...
-    def stub_running(self, target: Target) -> bool: ...
+    def unreachable(self, worker: Worker) -> None: ...
+    def stub_died(self, worker: Worker) -> None: ...
+    def stub_running(self, worker: Worker) -> bool: ...
 
 
 class Orchestrator:
@@ -81,17 +81,17 @@ class Orchestrator:
         self.watch = watch
         self.block_size = context_block_size
         self.routers: dict[str, Router] = {
-            name: make_router(group_targets(group), group.router, context_block_size)
+            name: make_router(group_workers(group), group.router, context_block_size)
             for name, group in zip(GROUPS, self._groups(deployment))
         }
         self.remote = RemoteWorkers()
         self.stats = OrchestratorStats()
-        # Bumped when a local target's stub is found dead and when its replacement is ready: a
+        # Bumped when a local worker's stub is found dead and when its replacement is ready: a
         # request opened under an older count runs on a stub that is gone, whatever runs now.
-        self._stub_generations: dict[Target, int] = {}
+        self._stub_generations: dict[Worker, int] = {}
         # Context instances holding a request's KV until its generation phase ends (after its pull):
-        # a removed one is unloaded only when it holds none (local_instances.py).
-        self._handoffs: collections.Counter[Target] = collections.Counter()
+        # a removed one is unloaded only when it holds none (local_workers.py).
+        self._handoffs: collections.Counter[Worker] = collections.Counter()
         self.admission = Admission(max_requests_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(THREADS_PER_REQUEST * max_requests_in_flight,
                                                                thread_name_prefix="bls")
@@ -112,36 +112,36 @@ class Orchestrator:
 
     # ------------------------------------------------------------ membership
     def apply(self, deployment: Deployment) -> None:
-        """A new deployment: new targets take requests now, removed ones drain, settings apply."""
+        """A new deployment: new workers take requests now, removed ones drain, settings apply."""
         for name, group in zip(GROUPS, self._groups(deployment)):
-            router, targets = self.routers[name], group_targets(group)
-            change = diff_targets(router.targets, targets)
+            router, workers = self.routers[name], group_workers(group)
+            change = diff_workers(router.workers, workers)
             if group.router != router.config:
-                replacement = make_router(targets, group.router, self.block_size)
+                replacement = make_router(workers, group.router, self.block_size)
                 replacement.adopt(router)
                 self.routers[name] = replacement
                 logger.info("%s router is now %s", name, group.router)
             else:
-                router.set_targets(targets)
+                router.set_workers(workers)
             if change:
                 logger.info("%s instances: added %s, removed %s (they finish what they run)", name,
                             [str(t) for t in change.added] or "none", [str(t) for t in change.removed] or "none")
-        self.remote.set_urls({t.url for r in self.routers.values() for t in r.targets if t.url})
+        self.remote.set_urls({t.url for r in self.routers.values() for t in r.workers if t.url})
         self.deployment = deployment
 
-    def set_health(self, target: Target, healthy: bool) -> None:
+    def set_health(self, worker: Worker, healthy: bool) -> None:
         for router in self.routers.values():
-            router.set_healthy(target, healthy)
+            router.set_healthy(worker, healthy)
 
-    def holds_requests(self, target: Target) -> bool:
+    def holds_requests(self, worker: Worker) -> bool:
         """Whether the instance runs a request, or holds a KV its generation instance has yet to pull."""
-        router = self.routers["context" if target.model_name == self.deployment.context_servers.model_name
+        router = self.routers["context" if worker.model_name == self.deployment.context_servers.model_name
                               else "generation"]
-        state = router.snapshot().get(target)
-        return bool(self._handoffs[target] or (state is not None and state[2]))
+        state = router.snapshot().get(worker)
+        return bool(self._handoffs[worker] or (state is not None and state[2]))
 
-    def remote_targets(self) -> list[Target]:
-        """Remote targets in rotation or draining: the ones health checks watch."""
+    def remote_workers(self) -> list[Worker]:
+        """Remote workers in rotation or draining: the ones health checks watch."""
         return [t for r in self.routers.values() for t in r.snapshot() if t.url]
 
     # ------------------------------------------------------------ requests
@@ -226,17 +226,17 @@ class Orchestrator:
             if finished:
                 return
             worker_inputs["context_phase_params"] = context.params
-            self._handoffs[context.target] += 1
+            self._handoffs[context.worker] += 1
         try:
             await self._generation_phase(request, request_id, worker_inputs, prompt, generation.params.max_tokens,
                                          deliver, deployment)
         except Exception:
             if context is not None:  # its KV may still be pinned, unpulled: free it now, not at its TTL
-                self._in_background(self._stop(context.target, context.worker_id))
+                self._in_background(self._stop(context.worker, context.worker_id))
             raise
         finally:
             if context is not None:
-                self._handoffs[context.target] -= 1
+                self._handoffs[context.worker] -= 1
         self.stats.generation_phase_seconds += time.monotonic() - generation_started
 
     def _in_background(self, work) -> None:
@@ -247,19 +247,19 @@ class Orchestrator:
 
     async def _context_phase(self, request, request_id: str, inputs, prompt: list[int],
                              deployment: Deployment) -> ContextResult | None:
-        tried: set[Target] = set()
+        tried: set[Worker] = set()
         for attempt in range(2):
             try:
-                target = self.context_router.choose(prompt, frozenset(tried))
-            except NoTargetError:
+                worker = self.context_router.choose(prompt, frozenset(tried))
+            except NoWorkerError:
                 return None
-            tried.add(target)
+            tried.add(worker)
             if attempt:
                 self.stats.context_retries += 1
             worker_id = f"{request_id}-ctx{attempt}"
-            self.context_router.started(target, len(prompt))
+            self.context_router.started(worker, len(prompt))
             try:
-                opening = self._open(target, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
+                opening = self._open(worker, worker_id, inputs, CONTEXT_OUTPUTS, deployment.context_timeout_s)
                 stream = await unless_cancelled(request, opening)
                 responses = []
                 while (outputs := await unless_cancelled(
@@ -267,37 +267,37 @@ class Orchestrator:
                     responses.append(outputs)
             except ClientCancelled:
                 self.stats.cancelled += 1
-                await self._stop(target, worker_id)
+                await self._stop(worker, worker_id)
                 raise
             except ClientError:
                 raise
             except Exception as error:  # noqa: BLE001 - failed, unreachable or timed out: try elsewhere
-                logger.warning("context instance %s failed (%r); %s", target, error,
+                logger.warning("context instance %s failed (%r); %s", worker, error,
                                "retrying elsewhere" if attempt == 0 else "prefilling on the generation instance")
-                await self._abandon(target, worker_id, error)
+                await self._abandon(worker, worker_id, error)
                 continue
             finally:
-                self.context_router.finished(target, len(prompt))
+                self.context_router.finished(worker, len(prompt))
             outputs = triton_io.joined_outputs(responses)
             params = outputs.get("context_phase_params")
-            return ContextResult(outputs, params.reshape(-1) if params is not None and params.size else None, target,
+            return ContextResult(outputs, params.reshape(-1) if params is not None and params.size else None, worker,
                                  worker_id)
         return None
 
     async def _generation_phase(self, request, request_id, inputs, prompt, max_tokens, deliver,
                                 deployment: Deployment) -> None:
         load = len(prompt) + max_tokens
-        tried: set[Target] = set()
+        tried: set[Worker] = set()
         for attempt in range(2):
             # An instance marked unhealthy is still better than failing the request outright.
-            target = self.generation_router.choose(prompt, frozenset(tried), allow_unhealthy=True)
-            tried.add(target)
+            worker = self.generation_router.choose(prompt, frozenset(tried), allow_unhealthy=True)
+            tried.add(worker)
             worker_id = f"{request_id}-gen{attempt}"
             received = False
-            self.generation_router.started(target, load)
+            self.generation_router.started(worker, load)
             try:
                 # A busy generation instance queues the request: its first answer may take as long as any.
-                opening = self._open(target, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
+                opening = self._open(worker, worker_id, inputs, WORKER_OUTPUTS, deployment.generation_timeout_s)
                 stream = await unless_cancelled(request, opening)
                 while True:
                     if request.is_cancelled():
@@ -305,7 +305,7 @@ class Orchestrator:
                     try:
                         outputs = await unless_cancelled(request, stream.next(deployment.generation_timeout_s))
                     except asyncio.TimeoutError:
-                        raise WorkerFailed(f"generation instance {target} sent nothing for "
+                        raise WorkerFailed(f"generation instance {worker} sent nothing for "
                                            f"{deployment.generation_timeout_s} s") from None
                     if outputs is None:
                         deliver({}, True)
@@ -314,44 +314,44 @@ class Orchestrator:
                     deliver(outputs, False)
             except ClientCancelled:
                 self.stats.cancelled += 1
-                await self._stop(target, worker_id)
+                await self._stop(worker, worker_id)
                 raise
             except (ClientError, RequestAbortedError):
                 raise
             except Exception as error:  # noqa: BLE001 - before its first token, another instance may take it
-                await self._abandon(target, worker_id, error)
-                if received or attempt or len(self.generation_router.targets) <= 1:
+                await self._abandon(worker, worker_id, error)
+                if received or attempt or len(self.generation_router.workers) <= 1:
                     raise
                 logger.warning("generation instance %s failed before its first token (%r); retrying elsewhere",
-                               target, error)
+                               worker, error)
             finally:
-                self.generation_router.finished(target, load)
+                self.generation_router.finished(worker, load)
 
-    async def _open(self, target: Target, worker_id: str, inputs: dict[str, np.ndarray], outputs: list[str],
+    async def _open(self, worker: Worker, worker_id: str, inputs: dict[str, np.ndarray], outputs: list[str],
                     timeout: float) -> WorkerStream:
-        """Start a worker request on a target; the stream's `next` gives its responses."""
-        if target.url is not None:
-            return self.remote.open(target.url, target.model_name, target.version, worker_id, inputs, outputs)
+        """Start a worker request on a worker; the stream's `next` gives its responses."""
+        if worker.url is not None:
+            return self.remote.open(worker.url, worker.model_name, worker.version, worker_id, inputs, outputs)
         inner = pb_utils.InferenceRequest(
-            model_name=target.model_name,
-            model_version=target.version,
+            model_name=worker.model_name,
+            model_version=worker.version,
             inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
             requested_output_names=outputs,
             request_id=worker_id,
         )
         # Submitting returns with the request's first response, so it waits like every response.
-        generation = self._stub_generations.get(target, 0)
-        wait = functools.partial(self._wait_while_alive, target, generation)
+        generation = self._stub_generations.get(worker, 0)
+        wait = functools.partial(self._wait_while_alive, worker, generation)
         try:
             iterator = await wait(held(asyncio.ensure_future(inner.async_exec(decoupled=True))), timeout)
         except asyncio.TimeoutError:
-            raise WorkerFailed(f"{target} did not answer within {timeout:g} s") from None
-        return LocalStream(iterator, self._executor, target, wait, stub_lived=lambda: (
-            self._stub_generations.get(target, 0) == generation and self.watch.stub_running(target)),
-            stub_lost=functools.partial(self._stub_lost, target, generation))
+            raise WorkerFailed(f"{worker} did not answer within {timeout:g} s") from None
+        return LocalStream(iterator, self._executor, worker, wait, stub_lived=lambda: (
+            self._stub_generations.get(worker, 0) == generation and self.watch.stub_running(worker)),
+            stub_lost=functools.partial(self._stub_lost, worker, generation))
 
-    async def _wait_while_alive(self, target: Target, generation: int, future: asyncio.Future, timeout: float):
-        """`future`'s result within `timeout`, checking the target's stub process whenever the wait
+    async def _wait_while_alive(self, worker: Worker, generation: int, future: asyncio.Future, timeout: float):
+        """`future`'s result within `timeout`, checking the worker's stub process whenever the wait
         has lasted CHECK_STUB_AFTER_S; raises StubDied as soon as the process is gone."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -361,53 +361,53 @@ class Orchestrator:
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
                     raise
-            if self._stub_generations.get(target, 0) != generation or not self.watch.stub_running(target):
-                self._stub_lost(target, generation)
-                raise StubDied(f"{target}: its stub process died while the request ran there")
+            if self._stub_generations.get(worker, 0) != generation or not self.watch.stub_running(worker):
+                self._stub_lost(worker, generation)
+                raise StubDied(f"{worker}: its stub process died while the request ran there")
 
-    async def _stop_local(self, target: Target, worker_id: str) -> None:
+    async def _stop_local(self, worker: Worker, worker_id: str) -> None:
         stop = pb_utils.InferenceRequest(
-            model_name=target.model_name,
-            model_version=target.version,
+            model_name=worker.model_name,
+            model_version=worker.version,
             inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int32)), pb_utils.Tensor("stop", np.array([True]))],
             requested_output_names=[],
             request_id=worker_id,
         )
-        lost = functools.partial(self._stub_lost, target, self._stub_generations.get(target, 0))
+        lost = functools.partial(self._stub_lost, worker, self._stub_generations.get(worker, 0))
         submitting = held(asyncio.ensure_future(stop.async_exec(decoupled=True)))
         submitted = await asyncio.wait_for(asyncio.shield(submitting), STOP_TIMEOUT_S)
-        await LocalStream(submitted, self._executor, target, stub_lost=lost).next(STOP_TIMEOUT_S)
+        await LocalStream(submitted, self._executor, worker, stub_lost=lost).next(STOP_TIMEOUT_S)
 
-    def stub_replaced(self, target: Target) -> None:
-        """The stub of a local target died or was replaced: requests opened before run on a dead one."""
-        self._stub_generations[target] = self._stub_generations.get(target, 0) + 1
+    def stub_replaced(self, worker: Worker) -> None:
+        """The stub of a local worker died or was replaced: requests opened before run on a dead one."""
+        self._stub_generations[worker] = self._stub_generations.get(worker, 0) + 1
 
-    def _stub_lost(self, target: Target, generation: int) -> None:
+    def _stub_lost(self, worker: Worker, generation: int) -> None:
         """A request found the stub it ran on dead, or Triton gave up on it ("not healthy": it stopped
         answering for a second). Either way the instance is reloaded, and the old stub, if its process
         lives, is killed first (StubRecovery): Triton has failed and freed the requests it had queued
         for it, and a frozen stub that resumes reads that freed shared memory and takes the server
         down with it (seen with 2.51). Reported once per stub: a later generation is another stub."""
-        if self._stub_generations.get(target, 0) == generation:
-            self.stub_replaced(target)
-            self.watch.stub_died(target)
+        if self._stub_generations.get(worker, 0) == generation:
+            self.stub_replaced(worker)
+            self.watch.stub_died(worker)
 
-    async def _abandon(self, target: Target, worker_id: str, error: Exception) -> None:
+    async def _abandon(self, worker: Worker, worker_id: str, error: Exception) -> None:
         """After a failed call: an unreachable server leaves rotation, a live instance is told to stop
         (a lost stub was reported by the stream that found out, and is being replaced)."""
-        if isinstance(error, TargetUnreachable):
-            self.watch.unreachable(target)
+        if isinstance(error, WorkerUnreachable):
+            self.watch.unreachable(worker)
         elif not isinstance(error, StubDied):
-            await self._stop(target, worker_id)
+            await self._stop(worker, worker_id)
 
-    async def _stop(self, target: Target, worker_id: str) -> None:
+    async def _stop(self, worker: Worker, worker_id: str) -> None:
         """Ask an instance to abort a request it may still be running (its KV is freed)."""
         try:
-            if target.url is not None:
+            if worker.url is not None:
                 await asyncio.wait_for(
-                    self.remote.stop(target.url, target.model_name, target.version, worker_id, STOP_TIMEOUT_S),
+                    self.remote.stop(worker.url, worker.model_name, worker.version, worker_id, STOP_TIMEOUT_S),
                     2 * STOP_TIMEOUT_S)
                 return
-            await self._stop_local(target, worker_id)
+            await self._stop_local(worker, worker_id)
         except Exception:  # noqa: BLE001 - a dead instance has nothing left to stop
-            logger.info("could not stop %s on %s", worker_id, target)
+            logger.info("could not stop %s on %s", worker_id, worker)

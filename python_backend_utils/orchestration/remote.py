@@ -52,7 +52,7 @@ class WorkerFailed(Exception):
     """A worker failed or did not answer in time."""
 
 
-class TargetUnreachable(WorkerFailed):
+class WorkerUnreachable(WorkerFailed):
     """The worker's server could not be reached, or the connection to it broke: it leaves rotation."""
 
 
@@ -63,7 +63,7 @@ def classify(error: grpc.aio.AioRpcError, where: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ClientError(details)
     if code in UNREACHABLE:
-        return TargetUnreachable(f"{where} unreachable: {details}")
+        return WorkerUnreachable(f"{where} unreachable: {details}")
     return WorkerFailed(f"{where}: {code.name}: {details}")
 
 
@@ -85,7 +85,7 @@ class RemoteStream:
 
     async def next(self, timeout: float) -> dict[str, np.ndarray] | None:
         """The next response's outputs, or None at the end; raises asyncio.TimeoutError, ClientError
-        or WorkerFailed (TargetUnreachable when the server could not be reached or went away).
+        or WorkerFailed (WorkerUnreachable when the server could not be reached or went away).
 
         After the final response the server ends the call by itself; it is read to that end in
         the background (grpc_streams.py says why), and only then does the stream count as

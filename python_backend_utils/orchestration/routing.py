@@ -17,7 +17,7 @@ from python_backend_utils.prefix_hashing import prefix_hashes
 
 
 @dataclass(frozen=True)
-class Target:
+class Worker:
     """One instance: a version of a model, on this server (url None) or on the server at `url`."""
 
     model_name: str
@@ -29,7 +29,7 @@ class Target:
         return f"{self.model_name}/{self.version}{where}"
 
 
-class NoTargetError(RuntimeError):
+class NoWorkerError(RuntimeError):
     """Every instance is excluded (all failed for this request) or out of rotation."""
 
 
@@ -42,113 +42,113 @@ class _Load:
 class Router:
     """Round robin; subclasses override `_pick`. Load is tracked for every policy (it is a metric too).
 
-    Membership changes at runtime: `set_targets` puts new targets in rotation at once and takes
+    Membership changes at runtime: `set_workers` puts new workers in rotation at once and takes
     removed ones out, while `finished` keeps counting the requests they still run (they drain:
-    `draining` lists them until their last request ends). `set_healthy` takes a target out of
+    `draining` lists them until their last request ends). `set_healthy` takes a worker out of
     rotation and back. The orchestrator routes on its event loop while membership and health
     change on another thread, hence the lock.
     """
 
-    def __init__(self, targets: list[Target], config: RouterConfig) -> None:
-        if not targets:
-            raise ValueError("a router needs at least one target")
-        self.targets: list[Target] = []
+    def __init__(self, workers: list[Worker], config: RouterConfig) -> None:
+        if not workers:
+            raise ValueError("a router needs at least one worker")
+        self.workers: list[Worker] = []
         self.config = config
-        self.load: dict[Target, _Load] = {}
-        self.decisions: dict[Target, int] = {}
-        self.unhealthy: set[Target] = set()
+        self.load: dict[Worker, _Load] = {}
+        self.decisions: dict[Worker, int] = {}
+        self.unhealthy: set[Worker] = set()
         self._cycle = itertools.count()
         self._lock = threading.Lock()
-        self.set_targets(targets)
+        self.set_workers(workers)
 
     def choose(
-        self, prompt_ids: list[int], exclude: frozenset[Target] = frozenset(), *, allow_unhealthy: bool = False
-    ) -> Target:
-        """A target in rotation; with `allow_unhealthy`, an unhealthy one when no healthy one is left."""
+        self, prompt_ids: list[int], exclude: frozenset[Worker] = frozenset(), *, allow_unhealthy: bool = False
+    ) -> Worker:
+        """A worker in rotation; with `allow_unhealthy`, an unhealthy one when no healthy one is left."""
         with self._lock:
-            candidates = [t for t in self.targets if t not in exclude]
+            candidates = [t for t in self.workers if t not in exclude]
             healthy = [t for t in candidates if t not in self.unhealthy]
             if healthy or not allow_unhealthy:
                 candidates = healthy
             if not candidates:
                 out = ", ".join(map(str, sorted(exclude | self.unhealthy, key=str))) or "none"
-                raise NoTargetError(f"no instance left to try (failed or unhealthy: {out})")
-            target = self._pick(candidates, prompt_ids)
-            self.decisions[target] += 1
-            return target
+                raise NoWorkerError(f"no instance left to try (failed or unhealthy: {out})")
+            worker = self._pick(candidates, prompt_ids)
+            self.decisions[worker] += 1
+            return worker
 
-    def started(self, target: Target, num_tokens: int) -> None:
+    def started(self, worker: Worker, num_tokens: int) -> None:
         with self._lock:
-            load = self.load[target]
+            load = self.load[worker]
             load.requests += 1
             load.tokens += num_tokens
 
-    def finished(self, target: Target, num_tokens: int) -> None:
+    def finished(self, worker: Worker, num_tokens: int) -> None:
         with self._lock:
-            load = self.load[target]
+            load = self.load[worker]
             load.requests -= 1
             load.tokens -= num_tokens
-            if load.requests == 0 and target not in self.targets:
-                self._forget(target)  # its last request after removal: drained
+            if load.requests == 0 and worker not in self.workers:
+                self._forget(worker)  # its last request after removal: drained
 
-    def set_targets(self, targets: list[Target]) -> None:
-        """The new membership; targets that stay keep their load, statistics and health."""
+    def set_workers(self, workers: list[Worker]) -> None:
+        """The new membership; workers that stay keep their load, statistics and health."""
         with self._lock:
-            self.targets = list(dict.fromkeys(targets))
-            for target in self.targets:
-                self.load.setdefault(target, _Load())
-                self.decisions.setdefault(target, 0)
-                self._added(target)
-            for target in [t for t in self.load if t not in self.targets and self.load[t].requests == 0]:
-                self._forget(target)
+            self.workers = list(dict.fromkeys(workers))
+            for worker in self.workers:
+                self.load.setdefault(worker, _Load())
+                self.decisions.setdefault(worker, 0)
+                self._added(worker)
+            for worker in [t for t in self.load if t not in self.workers and self.load[t].requests == 0]:
+                self._forget(worker)
 
-    def set_healthy(self, target: Target, healthy: bool) -> None:
+    def set_healthy(self, worker: Worker, healthy: bool) -> None:
         with self._lock:
             if healthy:
-                self.unhealthy.discard(target)
-            elif target in self.load:
-                self.unhealthy.add(target)
+                self.unhealthy.discard(worker)
+            elif worker in self.load:
+                self.unhealthy.add(worker)
 
     def adopt(self, previous: Router) -> None:
         """Take over another router's state (a policy change at runtime): in-flight requests end here."""
         with previous._lock, self._lock:
-            for target, load in previous.load.items():
-                self.load[target] = load
-                self.decisions[target] = previous.decisions.get(target, 0)
+            for worker, load in previous.load.items():
+                self.load[worker] = load
+                self.decisions[worker] = previous.decisions.get(worker, 0)
             self.unhealthy = {t for t in previous.unhealthy if t in self.load}
-            for target in [t for t in self.load if t not in self.targets and self.load[t].requests == 0]:
-                self._forget(target)
+            for worker in [t for t in self.load if t not in self.workers and self.load[t].requests == 0]:
+                self._forget(worker)
 
     @property
-    def draining(self) -> list[Target]:
-        """Removed targets that still run requests."""
+    def draining(self) -> list[Worker]:
+        """Removed workers that still run requests."""
         with self._lock:
-            return [t for t in self.load if t not in self.targets]
+            return [t for t in self.load if t not in self.workers]
 
-    def snapshot(self) -> dict[Target, tuple[bool, bool, int, int]]:
-        """Every known target: (in rotation, healthy, requests in flight, decisions)."""
+    def snapshot(self) -> dict[Worker, tuple[bool, bool, int, int]]:
+        """Every known worker: (in rotation, healthy, requests in flight, decisions)."""
         with self._lock:
-            return {t: (t in self.targets, t not in self.unhealthy, self.load[t].requests, self.decisions[t])
+            return {t: (t in self.workers, t not in self.unhealthy, self.load[t].requests, self.decisions[t])
                     for t in self.load}
 
-    def _added(self, target: Target) -> None:
-        """Hook for per-target state of a policy."""
+    def _added(self, worker: Worker) -> None:
+        """Hook for per-worker state of a policy."""
 
-    def _forget(self, target: Target) -> None:
-        del self.load[target]
-        del self.decisions[target]
-        self.unhealthy.discard(target)
+    def _forget(self, worker: Worker) -> None:
+        del self.load[worker]
+        del self.decisions[worker]
+        self.unhealthy.discard(worker)
 
-    def _load_of(self, target: Target) -> int:
-        load = self.load[target]
+    def _load_of(self, worker: Worker) -> int:
+        load = self.load[worker]
         return load.tokens if self.config.load_metric == "tokens" else load.requests
 
-    def _pick(self, candidates: list[Target], prompt_ids: list[int]) -> Target:
+    def _pick(self, candidates: list[Worker], prompt_ids: list[int]) -> Worker:
         return candidates[next(self._cycle) % len(candidates)]
 
 
 class LoadBalancingRouter(Router):
-    def _pick(self, candidates: list[Target], prompt_ids: list[int]) -> Target:
+    def _pick(self, candidates: list[Worker], prompt_ids: list[int]) -> Worker:
         lightest = min(self._load_of(t) for t in candidates)
         tied = [t for t in candidates if self._load_of(t) == lightest]
         return tied[next(self._cycle) % len(tied)]
@@ -164,41 +164,41 @@ class KvCacheAwareRouter(Router):
     """
 
     def __init__(
-        self, targets: list[Target], config: RouterConfig, block_size: int, capacity_blocks: int = 4096
+        self, workers: list[Worker], config: RouterConfig, block_size: int, capacity_blocks: int = 4096
     ) -> None:
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
-        self._cached: dict[Target, OrderedDict[int, None]] = {}
-        super().__init__(targets, config)
+        self._cached: dict[Worker, OrderedDict[int, None]] = {}
+        super().__init__(workers, config)
 
-    def _added(self, target: Target) -> None:
-        self._cached.setdefault(target, OrderedDict())
+    def _added(self, worker: Worker) -> None:
+        self._cached.setdefault(worker, OrderedDict())
 
-    def _forget(self, target: Target) -> None:
-        super()._forget(target)
-        self._cached.pop(target, None)
+    def _forget(self, worker: Worker) -> None:
+        super()._forget(worker)
+        self._cached.pop(worker, None)
 
-    def cached_tokens(self, target: Target, hashes: list[int]) -> int:
-        index, matched = self._cached[target], 0
+    def cached_tokens(self, worker: Worker, hashes: list[int]) -> int:
+        index, matched = self._cached[worker], 0
         for block in hashes:
             if block not in index:
                 break
             matched += 1
         return matched * self.block_size
 
-    def _pick(self, candidates: list[Target], prompt_ids: list[int]) -> Target:
+    def _pick(self, candidates: list[Worker], prompt_ids: list[int]) -> Worker:
         hashes = prefix_hashes(prompt_ids, self.block_size)
         scores = {
             t: self.cached_tokens(t, hashes) * self.config.cache_weight - self.load[t].tokens for t in candidates
         }
         best = max(scores.values())
         tied = [t for t in candidates if scores[t] == best]
-        target = tied[next(self._cycle) % len(tied)]
-        self._remember(target, hashes)
-        return target
+        worker = tied[next(self._cycle) % len(tied)]
+        self._remember(worker, hashes)
+        return worker
 
-    def _remember(self, target: Target, hashes: list[int]) -> None:
-        index = self._cached[target]
+    def _remember(self, worker: Worker, hashes: list[int]) -> None:
+        index = self._cached[worker]
         for block in hashes:
             index[block] = None
             index.move_to_end(block)
@@ -206,9 +206,9 @@ class KvCacheAwareRouter(Router):
             index.popitem(last=False)
 
 
-def make_router(targets: list[Target], config: RouterConfig, block_size: int = 16) -> Router:
+def make_router(workers: list[Worker], config: RouterConfig, block_size: int = 16) -> Router:
     if config.type == "load_balancing":
-        return LoadBalancingRouter(targets, config)
+        return LoadBalancingRouter(workers, config)
     if config.type == "kv_cache_aware":
-        return KvCacheAwareRouter(targets, config, block_size)
-    return Router(targets, config)
+        return KvCacheAwareRouter(workers, config, block_size)
+    return Router(workers, config)

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from python_backend_utils.errors import is_client_error_message
 from python_backend_utils.orchestration.admission import held
 from python_backend_utils.orchestration.remote import ClientError, WorkerFailed
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.routing import Worker
 from python_backend_utils.triton_glue.stub_recovery import is_dead_stub_error
 
 _END = object()
@@ -43,7 +43,7 @@ class LocalStream:
     `wait(future, timeout)` waits for each response: the orchestrator's checks the instance's
     stub while it waits. `stub_lost()` is called before StubDied is raised."""
 
-    def __init__(self, iterator, executor: concurrent.futures.Executor, where: Target,
+    def __init__(self, iterator, executor: concurrent.futures.Executor, where: Worker,
                  wait: Callable[[asyncio.Future, float], Awaitable] = wait_plainly,
                  stub_lived: Callable[[], bool] = lambda: True, stub_lost: Callable[[], None] = lambda: None) -> None:
         self._iterator = iterator

@@ -50,7 +50,7 @@ ORCHESTRATOR_METRICS = {
 }
 
 ROUTER_METRICS = {
-    "disagg_router_targets": "1 for each instance in a router's rotation, by group, target and health "
+    "disagg_router_workers": "1 for each instance in a router's rotation, by group, target and health "
     "(healthy=\"false\": out of rotation until a health check passes); 0 once removed from the deployment",
     "disagg_router_in_flight": "requests the orchestrator has in flight on each instance (a removed one drains to 0)",
     "disagg_router_decisions_total": "requests routed to each instance",

@@ -72,7 +72,7 @@ def instance_values(server, metric: str, model: str) -> dict[int, float]:
 
 def decisions(server, model: str) -> dict[int, float]:
     values = metric_values(server, "disagg_router_decisions_total")
-    return {v: sum(n for labels, n in values.items() if f'target="{model}/{v}"' in labels) for v in (1, 2)}
+    return {v: sum(n for labels, n in values.items() if f'worker="{model}/{v}"' in labels) for v in (1, 2)}
 
 
 def orchestrator_count(server, name: str) -> float:

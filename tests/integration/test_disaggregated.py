@@ -89,7 +89,7 @@ def test_metrics_show_transfers_and_every_block_returns(triton_server):
     assert sum(metric_values(triton_server, "disagg_kv_bytes_received_total").values()) > 0
     assert sum(metric_values(triton_server, "disagg_orchestrator_disaggregated_total").values()) >= 1
     routed = metric_values(triton_server, "disagg_router_in_flight")
-    assert any('target="context/1"' in labels for labels in routed), routed
+    assert any('worker="context/1"' in labels for labels in routed), routed
     # Off by default: they would show clients where, and whether, others' prompts share a prefix.
     assert not metric_values(triton_server, "disagg_router_decisions_total")
     assert not metric_values(triton_server, "disagg_prefix_cache_hit_tokens_total")

@@ -88,8 +88,8 @@ def wait_for_replacement(server, model: str, victim: int, reloads_before: float,
 
 
 def in_rotation(server, model: str) -> bool:
-    return [value for labels, value in metric_values(server, "disagg_router_targets").items()
-            if f'target="{model}/1"' in labels and 'healthy="true"' in labels] == [1]
+    return [value for labels, value in metric_values(server, "disagg_router_workers").items()
+            if f'worker="{model}/1"' in labels and 'healthy="true"' in labels] == [1]
 
 
 def outcome(server, prompt: str) -> tuple[str, str]:

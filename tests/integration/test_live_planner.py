@@ -74,8 +74,8 @@ def served(tmp_path_factory):
 
 
 def in_rotation(server, target: str) -> bool:
-    return any(f'target="{target}"' in labels and 'healthy="true"' in labels and value == 1.0
-               for labels, value in metric_values(server, "disagg_router_targets").items())
+    return any(f'worker="{target}"' in labels and 'healthy="true"' in labels and value == 1.0
+               for labels, value in metric_values(server, "disagg_router_workers").items())
 
 
 def send_at(rate: float, pool: ThreadPoolExecutor, server, until, futures: list) -> None:

@@ -69,15 +69,15 @@ class Cluster:
         return f"{group}/1@{self.url(name)}"
 
     def membership(self, group: str, name: str) -> dict[str, float]:
-        """The orchestrator's `disagg_router_targets` for one target: {"true": x, "false": y}."""
-        values = metric_values(self.servers["orchestrator"], "disagg_router_targets")
-        target = f'target="{self.target(group, name)}"'
+        """The orchestrator's `disagg_router_workers` for one target: {"true": x, "false": y}."""
+        values = metric_values(self.servers["orchestrator"], "disagg_router_workers")
+        target = f'worker="{self.target(group, name)}"'
         return {h: v for labels, v in values.items() if target in labels for h in ("true", "false")
                 if f'healthy="{h}"' in labels}
 
     def in_flight(self, group: str, name: str) -> float:
         values = metric_values(self.servers["orchestrator"], "disagg_router_in_flight")
-        return sum(v for labels, v in values.items() if f'target="{self.target(group, name)}"' in labels)
+        return sum(v for labels, v in values.items() if f'worker="{self.target(group, name)}"' in labels)
 
     def served(self, name: str, metric: str = "disagg_kv_pulls_completed_total") -> float:
         """A count from a worker server's own metrics port."""

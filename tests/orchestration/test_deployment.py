@@ -13,11 +13,11 @@ from python_backend_utils.orchestration.membership import (
     DeploymentWatcher,
     HealthTracker,
     MembershipMonitor,
-    diff_targets,
-    group_targets,
+    diff_workers,
+    group_workers,
 )
-from python_backend_utils.orchestration.remote import ClientError, TargetUnreachable, WorkerFailed, classify
-from python_backend_utils.orchestration.routing import LoadBalancingRouter, NoTargetError, Router, Target, make_router
+from python_backend_utils.orchestration.remote import ClientError, WorkerFailed, WorkerUnreachable, classify
+from python_backend_utils.orchestration.routing import LoadBalancingRouter, NoWorkerError, Router, Worker, make_router
 
 SCALE_OUT = """\
 context_servers:
@@ -31,18 +31,18 @@ health_check_interval_s: 3
 """
 
 
-def test_urls_become_remote_targets_after_the_local_versions():
+def test_urls_become_remote_workers_after_the_local_versions():
     deployment = Deployment.from_text(SCALE_OUT)
-    assert group_targets(deployment.context_servers) == [
-        Target("context", 1, "ctx-host-0:8001"),
-        Target("context", 2, "ctx-host-1:8001"),
+    assert group_workers(deployment.context_servers) == [
+        Worker("context", 1, "ctx-host-0:8001"),
+        Worker("context", 2, "ctx-host-1:8001"),
     ]
     # urls without num_instances: every generation instance is remote
     assert deployment.generation_servers.num_instances == 0
-    assert group_targets(deployment.generation_servers) == [Target("generation", 1, "gen-host-0:8001")]
+    assert group_workers(deployment.generation_servers) == [Worker("generation", 1, "gen-host-0:8001")]
     assert deployment.health_check_interval_s == 3
     mixed = Deployment.from_dict({"generation_servers": {"num_instances": 2, "urls": ["10.0.0.7:9001"]}})
-    assert [str(t) for t in group_targets(mixed.generation_servers)] == [
+    assert [str(t) for t in group_workers(mixed.generation_servers)] == [
         "generation/1", "generation/2", "generation/1@10.0.0.7:9001"]
 
 
@@ -94,19 +94,19 @@ def test_a_file_that_is_not_a_mapping_is_a_deployment_error():
 
 
 def test_membership_diff():
-    a, b, c = Target("generation", 1), Target("generation", 1, "h:1"), Target("generation", 1, "h:2")
-    change = diff_targets([a, b], [b, c])
+    a, b, c = Worker("generation", 1), Worker("generation", 1, "h:1"), Worker("generation", 1, "h:2")
+    change = diff_workers([a, b], [b, c])
     assert change.added == (c,) and change.removed == (a,)
-    assert not diff_targets([a, b], [b, a])
+    assert not diff_workers([a, b], [b, a])
 
 
-def test_added_targets_take_requests_and_removed_ones_drain():
-    old, new = Target("generation", 1, "g0:1"), Target("generation", 1, "g1:1")
+def test_added_workers_take_requests_and_removed_ones_drain():
+    old, new = Worker("generation", 1, "g0:1"), Worker("generation", 1, "g1:1")
     router = LoadBalancingRouter([old], Deployment().generation_servers.router)
-    router.started(old, 10)  # in flight on the target about to leave
-    router.set_targets([old, new])
+    router.started(old, 10)  # in flight on the worker about to leave
+    router.set_workers([old, new])
     assert router.choose([1]) == new  # the new one is idle: it takes the next request
-    router.set_targets([new])
+    router.set_workers([new])
     assert router.draining == [old]
     assert {router.choose([1]) for _ in range(5)} == {new}  # no new request reaches the removed one
     assert router.snapshot()[old] == (False, True, 1, 0)
@@ -114,13 +114,13 @@ def test_added_targets_take_requests_and_removed_ones_drain():
     assert router.draining == [] and old not in router.snapshot()
 
 
-def test_unhealthy_targets_leave_rotation_unless_nothing_else_is_left():
-    a, b = Target("context", 1, "a:1"), Target("context", 1, "b:1")
+def test_unhealthy_workers_leave_rotation_unless_nothing_else_is_left():
+    a, b = Worker("context", 1, "a:1"), Worker("context", 1, "b:1")
     router = Router([a, b], Deployment().context_servers.router)
     router.set_healthy(a, False)
     assert {router.choose([1]) for _ in range(4)} == {b}
     router.set_healthy(b, False)
-    with pytest.raises(NoTargetError, match="unhealthy"):
+    with pytest.raises(NoWorkerError, match="unhealthy"):
         router.choose([1])
     assert router.choose([1], allow_unhealthy=True) in (a, b)
     router.set_healthy(a, True)
@@ -128,7 +128,7 @@ def test_unhealthy_targets_leave_rotation_unless_nothing_else_is_left():
 
 
 def test_a_policy_change_keeps_the_load_of_requests_in_flight():
-    a, b = Target("context", 1), Target("context", 2)
+    a, b = Worker("context", 1), Worker("context", 2)
     old = make_router([a, b], Deployment().context_servers.router)
     old.started(a, 100)
     new = make_router([a, b], Deployment.from_dict({"context_servers": {"router": {"type": "load_balancing"}}})
@@ -140,14 +140,14 @@ def test_a_policy_change_keeps_the_load_of_requests_in_flight():
 
 
 def test_health_flips_after_consecutive_failures_and_back_on_one_success():
-    target = Target("context", 1, "a:1")
+    worker = Worker("context", 1, "a:1")
     health = HealthTracker(failures_to_fail=2)
-    assert health.record(target, False) is None
-    assert health.record(target, False) is False
-    assert health.record(target, False) is None
-    assert health.record(target, True) is True
-    assert health.unreachable(target) is True  # a failed request counts at once
-    assert health.unreachable(target) is False
+    assert health.record(worker, False) is None
+    assert health.record(worker, False) is False
+    assert health.record(worker, False) is None
+    assert health.record(worker, True) is True
+    assert health.unreachable(worker) is True  # a failed request counts at once
+    assert health.unreachable(worker) is False
     health.keep_only([])
     assert health.unhealthy == set()
 
@@ -195,17 +195,17 @@ class FakeServer:
 def test_monitor_takes_a_dead_server_out_and_puts_it_back(tmp_path):
     deployment = Deployment.from_text(SCALE_OUT + "health_check_failures: 1\n")
     servers = {"ctx-host-0:8001": FakeServer(), "ctx-host-1:8001": FakeServer(), "gen-host-0:8001": FakeServer()}
-    routers = {group.model_name: make_router(group_targets(group), group.router)
+    routers = {group.model_name: make_router(group_workers(group), group.router)
                for group in (deployment.context_servers, deployment.generation_servers)}
     events = []
 
-    def on_health(target, healthy):
-        events.append((str(target), healthy))
-        routers[target.model_name].set_healthy(target, healthy)
+    def on_health(worker, healthy):
+        events.append((str(worker), healthy))
+        routers[worker.model_name].set_healthy(worker, healthy)
 
     monitor = MembershipMonitor(
         deployment, None,
-        remote_targets=lambda: [t for r in routers.values() for t in r.snapshot() if t.url],
+        remote_workers=lambda: [t for r in routers.values() for t in r.snapshot() if t.url],
         on_deployment=lambda d: None, on_health=on_health, on_tick=lambda: None,
         client_factory=servers.__getitem__,
     )
@@ -214,11 +214,11 @@ def test_monitor_takes_a_dead_server_out_and_puts_it_back(tmp_path):
     servers["ctx-host-0:8001"].ready = False
     monitor.check_health()
     assert events == [("context/1@ctx-host-0:8001", False)]
-    assert {routers["context"].choose([1]) for _ in range(4)} == {Target("context", 2, "ctx-host-1:8001")}
+    assert {routers["context"].choose([1]) for _ in range(4)} == {Worker("context", 2, "ctx-host-1:8001")}
     servers["ctx-host-0:8001"].ready = True
     monitor.check_health()
     assert events[-1] == ("context/1@ctx-host-0:8001", True)
-    monitor.unreachable(Target("generation", 1, "gen-host-0:8001"))
+    monitor.unreachable(Worker("generation", 1, "gen-host-0:8001"))
     assert events[-1] == ("generation/1@gen-host-0:8001", False)
     monitor.stop()
 
@@ -227,7 +227,7 @@ def test_monitor_takes_a_dead_server_out_and_puts_it_back(tmp_path):
     "code, kind",
     [
         (grpc.StatusCode.INVALID_ARGUMENT, ClientError),
-        (grpc.StatusCode.UNAVAILABLE, TargetUnreachable),
+        (grpc.StatusCode.UNAVAILABLE, WorkerUnreachable),
         (grpc.StatusCode.INTERNAL, WorkerFailed),
         (grpc.StatusCode.CANCELLED, WorkerFailed),
     ],

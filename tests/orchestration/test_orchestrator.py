@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from python_backend_utils.orchestration.deployment import Deployment, ServerGroup
+from python_backend_utils.orchestration.deployment import Deployment, WorkerGroup
 from python_backend_utils.orchestration.orchestrator import Orchestrator
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.routing import Worker
 from tests import pb_utils_stand_in as pb_utils
 
 PROMPT = list(range(100, 120))
@@ -63,16 +63,16 @@ class Watch:
     """The orchestrator's InstanceWatch, recording what it is told."""
 
     def __init__(self) -> None:
-        self.unreachable_targets: list[Target] = []
-        self.dead_stubs: list[Target] = []
+        self.unreachable_workers: list[Worker] = []
+        self.dead_stubs: list[Worker] = []
 
-    def unreachable(self, target: Target) -> None:
-        self.unreachable_targets.append(target)
+    def unreachable(self, worker: Worker) -> None:
+        self.unreachable_workers.append(worker)
 
-    def stub_died(self, target: Target) -> None:
-        self.dead_stubs.append(target)
+    def stub_died(self, worker: Worker) -> None:
+        self.dead_stubs.append(worker)
 
-    def stub_running(self, target: Target) -> bool:
+    def stub_running(self, worker: Worker) -> bool:
         return True
 
 
@@ -103,7 +103,7 @@ def deploy(instances, contexts: list[Instance], generations: list[Instance], **s
         instances[("context", version)] = instance
     for version, instance in enumerate(generations, 1):
         instances[("generation", version)] = instance
-    deployment = Deployment(ServerGroup("context", len(contexts)), ServerGroup("generation", len(generations)),
+    deployment = Deployment(WorkerGroup("context", len(contexts)), WorkerGroup("generation", len(generations)),
                             **settings)
     return Orchestrator(deployment, 16, Watch(), max_requests_in_flight=4)
 
@@ -242,7 +242,7 @@ def test_an_instance_whose_stub_triton_gave_up_on_is_reported_and_sent_nothing_m
     request = client_request()
     serve(loop, orchestrator, request)
     assert request.sender.tokens() == [FIRST, *REST]
-    assert orchestrator.watch.dead_stubs == [Target("context", 1)]
+    assert orchestrator.watch.dead_stubs == [Worker("context", 1)]
     assert not broken.stops  # never send anything more to a stub that stopped answering
 
 

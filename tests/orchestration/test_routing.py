@@ -8,13 +8,13 @@ from python_backend_utils.orchestration.deployment import Deployment, Deployment
 from python_backend_utils.orchestration.routing import (
     KvCacheAwareRouter,
     LoadBalancingRouter,
-    NoTargetError,
+    NoWorkerError,
     Router,
-    Target,
+    Worker,
     make_router,
 )
 
-TARGETS = [Target("context", 1), Target("context", 2), Target("context", 3)]
+TARGETS = [Worker("context", 1), Worker("context", 2), Worker("context", 3)]
 
 
 def test_round_robin_cycles_and_skips_excluded():
@@ -22,7 +22,7 @@ def test_round_robin_cycles_and_skips_excluded():
     assert [router.choose([1]) for _ in range(4)] == [TARGETS[0], TARGETS[1], TARGETS[2], TARGETS[0]]
     picks = {router.choose([1], exclude=frozenset({TARGETS[1]})) for _ in range(6)}
     assert picks == {TARGETS[0], TARGETS[2]}
-    with pytest.raises(NoTargetError):
+    with pytest.raises(NoWorkerError):
         router.choose([1], exclude=frozenset(TARGETS))
 
 

@@ -20,7 +20,7 @@ disagg_orchestrator_context_phase_seconds_total{model="disaggregated_serving_bls
 disagg_orchestrator_generation_phase_seconds_total{model="disaggregated_serving_bls",version="1"} 2.4
 disagg_sequences_waiting{model="context",version="1"} 3
 disagg_sequences_waiting{model="generation",version="1"} 1
-disagg_router_targets{group="context",healthy="true",model="disaggregated_serving_bls",target="context/1",version="1"} 1
+disagg_router_workers{group="context",healthy="true",model="disaggregated_serving_bls",worker="context/1",version="1"} 1
 """
 
 
@@ -28,7 +28,7 @@ def test_metrics_text_is_read_by_name_and_labels():
     metrics = parse_metrics(METRICS)
     assert metrics["disagg_sequences_waiting"] == [({"model": "context", "version": "1"}, 3.0),
                                                    ({"model": "generation", "version": "1"}, 1.0)]
-    assert metrics["disagg_router_targets"][0][0]["target"] == "context/1"
+    assert metrics["disagg_router_workers"][0][0]["worker"] == "context/1"
 
 
 def test_the_window_estimate_is_the_counters_difference():
@@ -83,10 +83,10 @@ def test_the_split_the_server_runs_counts_local_members_only():
     from planner.live import serving_split
 
     text = METRICS + "\n".join([
-        'disagg_router_targets{group="context",healthy="false",model="m",target="context/2",version="1"} 1',
-        'disagg_router_targets{group="context",healthy="true",model="m",target="context/3",version="1"} 0',
-        'disagg_router_targets{group="generation",healthy="true",model="m",target="generation/1",version="1"} 1',
-        'disagg_router_targets{group="generation",healthy="true",model="m",target="generation/1@h:8001",'
+        'disagg_router_workers{group="context",healthy="false",model="m",worker="context/2",version="1"} 1',
+        'disagg_router_workers{group="context",healthy="true",model="m",worker="context/3",version="1"} 0',
+        'disagg_router_workers{group="generation",healthy="true",model="m",worker="generation/1",version="1"} 1',
+        'disagg_router_workers{group="generation",healthy="true",model="m",worker="generation/1@h:8001",'
         'version="1"} 1'])
     assert serving_split(parse_metrics(text)) == Split(2, 1)
     assert serving_split({}) is None

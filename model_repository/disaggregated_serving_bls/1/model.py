@@ -3,7 +3,7 @@
 `execute` is async, so one instance drives many requests at once; the request path lives in
 python_backend_utils/orchestration/orchestrator.py. A background thread (membership.py) follows edits of the
 deployment file and the health of remote instances, and adds or removes this server's own
-instances when the file's counts change (local_instances.py). An instance on this server whose
+instances when the file's counts change (local_workers.py). An instance on this server whose
 stub died is reloaded (stub_recovery.py).
 """
 
@@ -17,10 +17,10 @@ import triton_python_backend_utils as pb_utils
 from python_backend_utils.environment import DEPLOYMENT_ENV
 from python_backend_utils.orchestration.admission import parse_limit
 from python_backend_utils.orchestration.deployment import Deployment
-from python_backend_utils.orchestration.local_instances import LocalInstances
+from python_backend_utils.orchestration.local_workers import LocalWorkers
 from python_backend_utils.orchestration.membership import MembershipMonitor
 from python_backend_utils.orchestration.orchestrator import DEFAULT_MAX_REQUESTS_IN_FLIGHT, GROUPS, Orchestrator
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.routing import Worker
 from python_backend_utils.triton_glue.detailed_metrics import detailed_metrics, published
 from python_backend_utils.triton_glue.io import model_parameters
 from python_backend_utils.triton_glue.metric_names import ORCHESTRATOR_METRICS, ROUTER_METRICS
@@ -45,9 +45,9 @@ class TritonPythonModel:
         self._published: set[tuple[str, str]] = set()
         self._publish_lock = threading.Lock()
         self.repository = Path(args["model_repository"]).parent
-        self.instances = LocalInstances(self.repository, deployment, lambda name: pb_utils.load_model(model_name=name))
+        self.instances = LocalWorkers(self.repository, deployment, lambda name: pb_utils.load_model(model_name=name))
         self.monitor = MembershipMonitor(
-            deployment, path, self.orchestrator.remote_targets,
+            deployment, path, self.orchestrator.remote_workers,
             lambda new: self.orchestrator.apply(self.instances.grow(new)),
             self.orchestrator.set_health, self._tick)
         self.recovery = StubRecovery(
@@ -73,46 +73,46 @@ class TritonPythonModel:
         self._publish_membership()
 
     # The orchestrator's InstanceWatch: what its requests find out about instances.
-    def unreachable(self, target: Target) -> None:
-        self.monitor.unreachable(target)
+    def unreachable(self, worker: Worker) -> None:
+        self.monitor.unreachable(worker)
 
-    def stub_running(self, target: Target) -> bool:
-        return self.stubs.running(target.model_name, target.version)
+    def stub_running(self, worker: Worker) -> bool:
+        return self.stubs.running(worker.model_name, worker.version)
 
-    def stub_died(self, target: Target) -> None:
+    def stub_died(self, worker: Worker) -> None:
         """Out of rotation until reloaded; a death already being repaired is not repaired twice."""
-        if self.recovery.stub_died(target.model_name, target.version):
-            self.orchestrator.set_health(target, False)  # published when `execute` returns
+        if self.recovery.stub_died(worker.model_name, worker.version):
+            self.orchestrator.set_health(worker, False)  # published when `execute` returns
 
     def _reloaded(self, model_name: str, version: int) -> None:
-        self.orchestrator.stub_replaced(Target(model_name, version))
-        self.orchestrator.set_health(Target(model_name, version), True)
+        self.orchestrator.stub_replaced(Worker(model_name, version))
+        self.orchestrator.set_health(Worker(model_name, version), True)
         self._publish_membership()
 
     def finalize(self):
         self.monitor.stop()
 
     def _publish_membership(self) -> None:
-        """Every target each router knows (in rotation or draining); removed ones drop to 0."""
+        """Every worker each router knows (in rotation or draining); removed ones drop to 0."""
         with self._publish_lock:
             seen = set()
             for group in GROUPS:
                 snapshot = self.orchestrator.routers[group].snapshot()
-                for target, (member, healthy, in_flight, decisions) in snapshot.items():
-                    key = (group, str(target))
+                for worker, (member, healthy, in_flight, decisions) in snapshot.items():
+                    key = (group, str(worker))
                     seen.add(key)
-                    self._set_target(key, member and healthy, member and not healthy)
-                    self.router_gauges["disagg_router_in_flight"].set({"group": group, "target": key[1]}, in_flight)
+                    self._set_worker(key, member and healthy, member and not healthy)
+                    self.router_gauges["disagg_router_in_flight"].set({"group": group, "worker": key[1]}, in_flight)
                     if "disagg_router_decisions_total" in self.router_gauges:  # only with detailed_metrics
-                        self.router_gauges["disagg_router_decisions_total"].set({"group": group, "target": key[1]},
+                        self.router_gauges["disagg_router_decisions_total"].set({"group": group, "worker": key[1]},
                                                                                 decisions)
             for key in self._published - seen:
-                self._set_target(key, False, False)
-                self.router_gauges["disagg_router_in_flight"].set({"group": key[0], "target": key[1]}, 0)
+                self._set_worker(key, False, False)
+                self.router_gauges["disagg_router_in_flight"].set({"group": key[0], "worker": key[1]}, 0)
             self._published = seen
 
-    def _set_target(self, key: tuple[str, str], healthy: bool, unhealthy: bool) -> None:
-        group, target = key
-        gauges = self.router_gauges["disagg_router_targets"]
-        gauges.set({"group": group, "target": target, "healthy": "true"}, healthy)
-        gauges.set({"group": group, "target": target, "healthy": "false"}, unhealthy)
+    def _set_worker(self, key: tuple[str, str], healthy: bool, unhealthy: bool) -> None:
+        group, worker = key
+        gauges = self.router_gauges["disagg_router_workers"]
+        gauges.set({"group": group, "worker": worker, "healthy": "true"}, healthy)
+        gauges.set({"group": group, "worker": worker, "healthy": "false"}, unhealthy)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from python_backend_utils.orchestration.deployment import Deployment
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.routing import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +51,18 @@ def remove_versions_above(model: Path, count: int) -> None:
             shutil.rmtree(model / str(version))
 
 
-class LocalInstances:
+class LocalWorkers:
     """The versions of `context` and `generation` this server runs, kept to the deployment's counts.
 
     `grow` runs before a new deployment is applied (new instances must be ready before a router
     picks them); `retire_idle` runs after every membership round and unloads removed instances
-    once `holds_requests(target)` says they hold nothing."""
+    once `holds_requests(worker)` says they hold nothing."""
 
     def __init__(self, repository: Path, deployment: Deployment, load_model: Callable[[str], None]) -> None:
         self.repository = repository
         self._load_model = load_model
         self.loaded = {group.model_name: group.num_instances for group in _groups(deployment)}
-        self.retiring: set[Target] = set()
+        self.retiring: set[Worker] = set()
 
     def grow(self, deployment: Deployment) -> Deployment:
         """Load the versions `deployment` adds; the deployment to apply, with a group whose new
@@ -72,11 +72,11 @@ class LocalInstances:
             model, want = group.model_name, group.num_instances
             have = self.loaded.get(model, 0)
             if want < have:
-                self.retiring |= {Target(model, version) for version in range(want + 1, have + 1)}
+                self.retiring |= {Worker(model, version) for version in range(want + 1, have + 1)}
                 logger.info("%s versions %d-%d leave rotation; each is unloaded once it holds nothing",
                             model, want + 1, have)
             elif want > have:
-                self.retiring -= {Target(model, version) for version in range(have + 1, want + 1)}
+                self.retiring -= {Worker(model, version) for version in range(have + 1, want + 1)}
                 if not self._load(model, want):
                     deployment = dataclasses.replace(deployment, **{field_name: dataclasses.replace(
                         group, num_instances=have)})
@@ -84,13 +84,13 @@ class LocalInstances:
             self.loaded[model] = want
         return deployment
 
-    def retire_idle(self, holds_requests: Callable[[Target], bool]) -> None:
+    def retire_idle(self, holds_requests: Callable[[Worker], bool]) -> None:
         """Unload the removed instances that hold nothing any more."""
         idle = {t for t in self.retiring if not holds_requests(t)}
         for model in sorted({t.model_name for t in idle}):
             try:
-                for target in sorted((t for t in idle if t.model_name == model), key=lambda t: t.version):
-                    shutil.rmtree(self.repository / model / str(target.version), ignore_errors=True)
+                for worker in sorted((t for t in idle if t.model_name == model), key=lambda t: t.version):
+                    shutil.rmtree(self.repository / model / str(worker.version), ignore_errors=True)
                 self._load_model(model)  # the versions whose directories are gone are unloaded
             except Exception:  # noqa: BLE001 - e.g. not in explicit mode: they stay loaded, out of rotation
                 logger.exception("could not unload the removed instances of %s (needs "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from python_backend_utils.orchestration.deployment import Deployment
-from python_backend_utils.orchestration.local_instances import LocalInstances
-from python_backend_utils.orchestration.routing import Target
+from python_backend_utils.orchestration.local_workers import LocalWorkers
+from python_backend_utils.orchestration.routing import Worker
 
 
 def deployment(context: int, generation: int = 1) -> Deployment:
@@ -25,25 +25,25 @@ def repository(tmp_path):
 
 def test_growing_copies_version_1_and_loads_before_it_joins(repository):
     loads = []
-    instances = LocalInstances(repository, deployment(1), loads.append)
+    instances = LocalWorkers(repository, deployment(1), loads.append)
     applied = instances.grow(deployment(3))
     assert (repository / "context" / "3" / "model.py").read_text() == "# engine\n"
     assert loads == ["context"] and applied.context_servers.num_instances == 3
 
 
 def test_shrinking_unloads_only_once_drained_and_regrowing_cancels(repository):
-    loads, busy = [], {Target("context", 3)}
-    instances = LocalInstances(repository, deployment(1), loads.append)
+    loads, busy = [], {Worker("context", 3)}
+    instances = LocalWorkers(repository, deployment(1), loads.append)
     instances.grow(deployment(3))
     instances.grow(deployment(1))
-    instances.retire_idle(lambda target: target in busy)
+    instances.retire_idle(lambda worker: worker in busy)
     assert not (repository / "context" / "2").exists() and (repository / "context" / "3").exists()
     assert loads == ["context", "context"]
     instances.grow(deployment(3))  # 3 still loaded, 2 copied and loaded again
     assert instances.retiring == set() and (repository / "context" / "2").exists() and len(loads) == 3
     instances.grow(deployment(2))
     busy.clear()
-    instances.retire_idle(lambda target: False)
+    instances.retire_idle(lambda worker: False)
     assert not (repository / "context" / "3").exists() and instances.retiring == set()
 
 
@@ -51,7 +51,7 @@ def test_a_failed_load_keeps_the_old_count(repository):
     def refuse(model: str) -> None:
         raise RuntimeError("explicit model control is off")
 
-    instances = LocalInstances(repository, deployment(1), refuse)
+    instances = LocalWorkers(repository, deployment(1), refuse)
     applied = instances.grow(deployment(2, 2))
     assert (applied.context_servers.num_instances, applied.generation_servers.num_instances) == (1, 1)
     assert not (repository / "context" / "2").exists() and instances.loaded == {"context": 1, "generation": 1}
