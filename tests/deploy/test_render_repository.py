@@ -102,3 +102,15 @@ def test_a_setting_needs_a_model_a_key_and_a_value():
 def _file(path, contexts: int, generations: int):
     write_deployment(path, contexts, generations)
     return path
+
+
+def test_the_two_ensembles_differ_only_in_their_name_and_middle_step():
+    """ensemble_aggregated is ensemble with `aggregated` in the middle: one edited without the other
+    would serve the baseline with other inputs than what it is compared against."""
+    disaggregated = read_config(DEFAULT_MODEL_REPOSITORY / "ensemble" / "config.pbtxt")
+    aggregated = read_config(DEFAULT_MODEL_REPOSITORY / "ensemble_aggregated" / "config.pbtxt")
+    assert [step.model_name for step in aggregated.ensemble_scheduling.step] == [
+        "preprocessing", "aggregated", "postprocessing"]
+    aggregated.name = "ensemble"
+    aggregated.ensemble_scheduling.step[1].model_name = "disaggregated_serving_bls"
+    assert aggregated == disaggregated
