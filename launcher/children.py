@@ -13,6 +13,7 @@ forked by one thread that lives as long as the launcher.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -72,6 +73,27 @@ _forker = _Forker()
 def spawn(command: Sequence[str], **popen_kwargs) -> subprocess.Popen:
     """subprocess.Popen(command, **popen_kwargs) in a new session, killed when this process dies."""
     return _forker.popen(command, {**popen_kwargs, "start_new_session": True})
+
+
+class Termination:
+    """A child's graceful stop, whatever arrives in between: SIGTERM once, then a wait of what is
+    left of `grace_s` since it; the caller kills the group after (kill_group)."""
+
+    def __init__(self, process: subprocess.Popen, grace_s: float) -> None:
+        self.process, self.grace_s = process, grace_s
+        self._sent_at: float | None = None
+
+    def terminate(self) -> None:
+        if self.process.poll() is None and self._sent_at is None:
+            self.process.send_signal(signal.SIGTERM)
+            self._sent_at = time.monotonic()
+
+    def wait_out(self) -> None:
+        """terminate(), then wait until the child exits or its grace time since the SIGTERM is up."""
+        self.terminate()
+        if self._sent_at is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(max(0.0, self._sent_at + self.grace_s - time.monotonic()))
 
 
 def kill_group(process: subprocess.Popen, timeout_s: float = GROUP_EXIT_TIMEOUT_S) -> None:

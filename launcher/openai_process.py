@@ -8,7 +8,6 @@ the kernel should the launcher die first (launcher/children.py).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from launcher.children import kill_group, spawn
+from launcher.children import Termination, kill_group, spawn
 from launcher.ports import connect_host
 from launcher.stopping import never_stop
 from python_backend_utils.environment import API_KEY_ENV, resolve_model_dir
@@ -59,7 +58,7 @@ class OpenAIFrontend:
             self.command += ["--served-model-name", served_model_name]
         self.environment = {**os.environ, API_KEY_ENV: api_key or ""}
         self._process: subprocess.Popen | None = None
-        self._terminated_at: float | None = None
+        self._termination: Termination | None = None
 
     @property
     def url(self) -> str:
@@ -73,9 +72,9 @@ class OpenAIFrontend:
     def start(self) -> None:
         output = open(self.log_file, "ab") if self.log_file is not None else None
         try:
-            self._terminated_at = None
             self._process = spawn(self.command, env=self.environment, stdin=subprocess.DEVNULL, stdout=output,
                                   stderr=subprocess.STDOUT if output else None)
+            self._termination = Termination(self._process, self.stop_timeout_s)
         finally:
             if output is not None:
                 output.close()
@@ -98,18 +97,12 @@ class OpenAIFrontend:
 
     def terminate(self) -> None:
         """SIGTERM, once; stop() waits for it."""
-        if self._process is not None and self._process.poll() is None and self._terminated_at is None:
-            self._process.send_signal(signal.SIGTERM)
-            self._terminated_at = time.monotonic()
+        if self._termination is not None:
+            self._termination.terminate()
 
     def stop(self) -> None:
         """terminate(), then SIGKILL the process group `stop_timeout_s` after it."""
-        if self._process is None:
+        if self._termination is None:
             return
-        self.terminate()
-        if self._terminated_at is not None:
-            try:
-                self._process.wait(max(0.0, self._terminated_at + self.stop_timeout_s - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        self._termination.wait_out()
         kill_group(self._process)

@@ -34,7 +34,6 @@ import re
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -44,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.children import kill_group, spawn
+from launcher.children import Termination, kill_group, spawn
 from launcher.ports import connect_host
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.stopping import never_stop
@@ -125,7 +124,7 @@ class TritonServer:
         self.stop_timeout_s = stop_timeout_s
         self.check_stop = check_stop
         self._process: subprocess.Popen | None = None
-        self._terminated_at: float | None = None  # when terminate() sent SIGTERM to this process
+        self._termination: Termination | None = None
         self._shm_prefix = ""
         self.admin_key = secrets.token_urlsafe(32)  # the value of ADMIN_HEADER for the repository API
 
@@ -189,17 +188,14 @@ class TritonServer:
 
     def terminate(self) -> None:
         """SIGTERM, once: Triton unloads the models and stops the stubs. stop() waits for it."""
-        if self.running and self._terminated_at is None:
-            self._process.send_signal(signal.SIGTERM)
-            self._terminated_at = time.monotonic()
+        if self._termination is not None:
+            self._termination.terminate()
 
     def stop(self) -> None:
         """terminate(), then SIGKILL the group `stop_timeout_s` after it and remove the /dev/shm regions."""
-        if self._process is None:
+        if self._termination is None:
             return
-        self.terminate()
-        if self._terminated_at is not None:
-            self.wait(max(0.0, self._terminated_at + self.stop_timeout_s - time.monotonic()))
+        self._termination.wait_out()
         self._kill()
 
     def command(self, runtime: TritonRuntime, shm_prefix: str) -> list[str]:
@@ -236,7 +232,6 @@ class TritonServer:
     def _launch(self, runtime: TritonRuntime) -> None:
         # Unique per attempt, so a stub left over from a failed attempt never shares a region.
         self._shm_prefix = f"triton_disagg_{os.getpid()}_{secrets.token_hex(4)}_"
-        self._terminated_at = None
         env = runtime.environment(dict(os.environ))
         if not env.get(KEY_FILE_ENV):
             env[KEY_FILE_ENV] = str(session_key_file())
@@ -256,6 +251,7 @@ class TritonServer:
                 stdout=output,
                 stderr=subprocess.STDOUT if output else None,
             )
+            self._termination = Termination(self._process, self.stop_timeout_s)
         finally:
             if output is not None:
                 output.close()
