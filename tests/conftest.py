@@ -9,7 +9,10 @@ import pytest
 
 from launcher import TritonServer
 from launcher.cli import MODES
+from launcher.placement import ENGINE_MODELS
 from launcher.ports import free_server_ports
+from launcher.repository import Setting, render_repository
+from launcher.server import DEFAULT_MODEL_REPOSITORY
 from tests import pb_utils_stand_in
 from tests.helpers import PROMPTS, generate, wait_for_idle_kv
 
@@ -22,12 +25,19 @@ KV_RELEASE_TIMEOUT_S = 10  # a third of a KV handle's 30 s TTL: a pinned handle 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """tritonserver on free ports serving both paths: `ensemble` (disaggregated), `ensemble_unary`
-    and `ensemble_aggregated`, with every model they reach."""
-    log_file = tmp_path_factory.mktemp("tritonserver") / "server.log"
+    and `ensemble_aggregated`, with every model they reach. Its engines compute in fp32, whatever
+    `dtype: auto` picks here: the tests that use it compare tokens and log-probabilities with fp32
+    transformers, and answers across prefix-cache states, which only fp32 keeps bit for bit
+    (tests/integration/test_dtype_auto.py serves what auto picks)."""
+    work = tmp_path_factory.mktemp("tritonserver")
+    repository = work / "model_repository"
+    render_repository(DEFAULT_MODEL_REPOSITORY, repository,
+                      settings=tuple(Setting(model, "dtype", "float32") for model in ENGINE_MODELS))
     server = TritonServer(
         **free_server_ports(),
+        model_repository=repository,
         models=MODES["both"],
-        log_file=log_file,
+        log_file=work / "server.log",
     )
     try:
         server.start()

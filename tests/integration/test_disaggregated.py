@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 
 from client.generate import GenerateRequest, infer_inputs
-from python_backend_utils.cpu_features import auto_dtype, cpu_flags
 from tests.helpers import PROMPTS, generate, metric_values, post_json, stream_results, wait_for_idle_kv
 
 pytestmark = pytest.mark.integration
-
-
-def test_every_engine_logs_the_dtype_auto_chose_and_its_threads(triton_server, aggregated_answers):
-    """The session server runs config.pbtxt's defaults: dtype auto, so these equality tests run in
-    what auto picks here (bf16 on AMX or AVX512-BF16 machines); its engines are unpinned."""
-    log = triton_server.log_file.read_text(errors="replace")
-    for instance in ("context/1", "generation/1", "aggregated/1"):
-        assert f"{instance}: dtype {auto_dtype('cpu', cpu_flags())} (auto: the CPU has" in log, instance
-    assert "1 thread(s), unpinned" in log
 
 
 def test_disaggregated_output_equals_aggregated_for_every_prompt_length(triton_server, aggregated_answers):
