@@ -15,6 +15,7 @@ from python_backend_utils.engine.block_manager import BlockManager
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
+from python_backend_utils.engine.parallel import ParallelModel
 from python_backend_utils.engine.sampler import apply_bad_words, sample
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
@@ -44,10 +45,14 @@ PoolAllocator = Callable[[ModelShape, int, int, torch.dtype, str], torch.Tensor]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None) -> None:
+    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None,
+                 cores: frozenset[int] | None = None) -> None:
+        """`cores`: the instance's CPU cores, dealt out to its parallel ranks (None: unpinned)."""
         torch.set_num_threads(config.num_threads)
         self.config = config
-        self.model = PagedCausalLM(config, str(resolve_model_dir(config.model_dir)))
+        model_dir = str(resolve_model_dir(config.model_dir))
+        self.model = (ParallelModel(config, model_dir, cores) if config.world_size > 1
+                      else PagedCausalLM(config, model_dir))
         shape = self.model.shape
         self.max_model_len = self.model.max_model_len
         self.vocab_size = shape.vocab_size
@@ -57,6 +62,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise CapacityError("kv_cache_memory_bytes is too small for a single KV block")
         self.pool = KVPool(shape, num_blocks, config.block_size, config.kv_torch_dtype, config.device, allocate_pool)
+        if isinstance(self.model, ParallelModel):
+            self.model.allocate_pools(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._sequences: dict[str, Sequence] = {}
@@ -116,6 +123,11 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self._free_blocks(seq)
         seq.status = Status.FINISHED
+
+    def close(self) -> None:
+        """Stop the parallel ranks this engine started (nothing to do for a single process)."""
+        if isinstance(self.model, ParallelModel):
+            self.model.close()
 
     def has_unfinished(self) -> bool:
         """True while a request runs or waits, or a pull of an ended one still holds blocks."""
