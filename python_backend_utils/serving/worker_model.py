@@ -24,7 +24,7 @@ import uuid
 
 import numpy as np
 
-from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
 from python_backend_utils.engine.outputs import RequestOutput
@@ -80,7 +80,7 @@ class LLMModel:
     role = "aggregated"
 
     def initialize(self, args) -> None:
-        pin_instance(args)  # first: the engine's threads start on their own cores
+        cores = pin_instance(args)  # first: the engine's threads start on their own cores
         parameters = model_parameters(args["model_config"])
         self.instance_name = f"{args['model_name']}/{args['model_version']}"
         config = EngineConfig.from_parameters(parameters)
@@ -88,7 +88,11 @@ class LLMModel:
         self.params_key = b""
         self.params_rejected = 0
         if self.role == "aggregated":
-            engine = LLMEngine(config)
+            engine = LLMEngine(config, cores=cores)
+        elif config.world_size > 1:
+            raise ConfigError(f"{self.role}: tensor_parallel_size={config.tensor_parallel_size}, "
+                              f"pipeline_parallel_size={config.pipeline_parallel_size}: a parallel engine does not "
+                              "publish or pull each rank's KV yet: split `aggregated`, keep 1 here")
         else:
             self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
             from python_backend_utils.serving.kv_exchange import KVExchange, transfer_config
@@ -127,6 +131,8 @@ class LLMModel:
         gauges are never destroyed (metrics.py says why). Calling it twice is harmless."""
         if self.loop is not None:
             self.loop.stop()
+        if self.engine is not None:
+            self.engine.close()
         if self.transfer is not None:
             self.transfer.close()
         self.loop = self.transfer = self.engine = self.gauges = None
