@@ -15,7 +15,7 @@ from python_backend_utils.engine.block_manager import BlockManager
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
-from python_backend_utils.engine.parallel import ParallelModel
+from python_backend_utils.engine.parallel import ParallelModel, RankGroupError
 from python_backend_utils.engine.sampler import apply_bad_words, sample
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
@@ -166,6 +166,8 @@ class LLMEngine:
         ]
         try:
             logits = self.model.forward(chunks, self.pool)
+        except RankGroupError:  # not this step's fault: no step can run until the instance is reloaded
+            raise
         except Exception as error:  # noqa: BLE001 - the step's requests fail, the others go on
             logger.exception("engine step failed; failing its %d requests", len(scheduled))
             self.block_manager.forget_hashes()  # what the step wrote is not trusted

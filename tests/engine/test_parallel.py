@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import torch
 
 from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
+from python_backend_utils.engine.loop import EngineLoop
 from python_backend_utils.engine.parallel import RankGroupError
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.sharding import model_shards, split_cores
 from python_backend_utils.environment import default_model_dir
+from python_backend_utils.errors import EngineDeadError
 from tests.engine.checkpoints import (
     TINY_FAMILIES,
     build_tiny_checkpoint,
@@ -128,18 +131,27 @@ def tiny_dir(tmp_path):
     return str(build_tiny_checkpoint("llama", tmp_path / "llama"))
 
 
-def test_a_dead_rank_fails_the_step_with_a_clear_error_and_close_stops_the_rest(tiny_dir):
+def test_a_dead_rank_fails_its_groups_requests_and_ends_the_loop_so_that_the_instance_is_reloaded(tiny_dir):
+    """The loop's death is what makes the serving layer exit the stub, and Triton load the instance again."""
     engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=64, block_size=4, tensor_parallel_size=2))
+    deaths: queue.Queue = queue.Queue()
+    loop = EngineLoop(engine, on_death=deaths.put)
     try:
+        loop.start()
+        outputs: queue.Queue = queue.Queue()
+        errors: queue.Queue = queue.Queue()
+        loop.submit("before", [5, 6, 7], greedy(4), outputs.put, on_error=errors.put)
+        assert outputs.get(timeout=60).token_ids  # the group serves
         (process,) = engine.model.ranks._processes
         process.kill()
         process.wait()
-        engine.add_request("r", [5, 6, 7], greedy(4))
-        (output,) = engine.step()
-        assert output.finish_reason == "error"
-        assert isinstance(output.error, RankGroupError) and "reload the model instance" in str(output.error)
-        assert engine.stats().num_free_blocks == engine.stats().num_blocks
+        loop.submit("after", [5, 6, 7], greedy(4), outputs.put, on_error=errors.put)
+        death = deaths.get(timeout=60)
+        assert isinstance(death, RankGroupError) and "reload the model instance" in str(death)
+        error = errors.get(timeout=30)
+        assert isinstance(error, EngineDeadError) and "RankGroupError" in str(error)
     finally:
+        loop.stop()
         engine.close()
 
 
