@@ -34,6 +34,9 @@ class EngineConfig:
     max_model_len: int = 0
     num_threads: int = 1
     weight_quantization: str = ""
+    # Processes the model is split over (engine/parallel.py): by attention heads and MLP channels, or by layers.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in (AUTO_DTYPE, *DTYPES):
@@ -46,6 +49,14 @@ class EngineConfig:
                               f"{[q for q in WEIGHT_QUANTIZATIONS if q]} or leave it empty")
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: use 1 (no split) or more")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs in: the leader and its ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def resolved_dtype(self) -> str:

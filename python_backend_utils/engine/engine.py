@@ -16,6 +16,7 @@ from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.grammar import Grammars, apply_grammar_masks
 from python_backend_utils.engine.outputs import RequestOutput
 from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
+from python_backend_utils.engine.parallel import ParallelModel, RankGroupError
 from python_backend_utils.engine.sampler import apply_bad_words, apply_penalties, sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.scheduler import ScheduledChunk, Scheduler
@@ -45,11 +46,14 @@ PoolAllocator = Callable[[ModelShape, int, int, torch.dtype, str], torch.Tensor]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None) -> None:
+    def __init__(self, config: EngineConfig, allocate_pool: PoolAllocator | None = None,
+                 cores: frozenset[int] | None = None) -> None:
+        """`cores`: the instance's CPU cores, dealt out to its parallel ranks (None: unpinned)."""
         torch.set_num_threads(config.num_threads)
         self.config = config
-        model_dir = resolve_model_dir(config.model_dir)
-        self.model = PagedCausalLM(config, str(model_dir))
+        model_dir = str(resolve_model_dir(config.model_dir))
+        self.model = (ParallelModel(config, model_dir, cores) if config.world_size > 1
+                      else PagedCausalLM(config, model_dir))
         shape = self.model.shape
         self.max_model_len = self.model.max_model_len
         self.vocab_size = shape.vocab_size
@@ -60,6 +64,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise CapacityError("kv_cache_memory_bytes is too small for a single KV block")
         self.pool = KVPool(shape, num_blocks, config.block_size, config.kv_torch_dtype, config.device, allocate_pool)
+        if isinstance(self.model, ParallelModel):
+            self.model.allocate_pools(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._sequences: dict[str, Sequence] = {}
@@ -122,6 +128,11 @@ class LLMEngine:
         self._free_blocks(seq)
         seq.status = Status.FINISHED
 
+    def close(self) -> None:
+        """Stop the parallel ranks this engine started (nothing to do for a single process)."""
+        if isinstance(self.model, ParallelModel):
+            self.model.close()
+
     def has_unfinished(self) -> bool:
         """True while a request runs or waits, or a pull of an ended one still holds blocks."""
         return bool(self._pull_held) or any(s.status is not Status.KV_HELD for s in self._sequences.values())
@@ -162,6 +173,8 @@ class LLMEngine:
         ]
         try:
             logits = self.model.forward(chunks, self.pool)
+        except RankGroupError:  # not this step's fault: no step can run until the instance is reloaded
+            raise
         except Exception as error:  # noqa: BLE001 - the step's requests fail, the others go on
             logger.exception("engine step failed; failing its %d requests", len(scheduled))
             self.block_manager.forget_hashes()  # what the step wrote is not trusted

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.outputs import RequestOutput
+from python_backend_utils.engine.parallel import RankGroupError
 from python_backend_utils.engine.sampling_params import SamplingParams
 from python_backend_utils.engine.sequence import RequestType, StartPull
 from python_backend_utils.errors import EngineDeadError, RequestAbortedError
@@ -158,6 +159,8 @@ class EngineLoop:
             while not self._stopping:
                 try:
                     self._iterate()
+                except RankGroupError:  # a parallel engine lost a rank: end, so that the instance is reloaded
+                    raise
                 except Exception as error:  # noqa: BLE001 - an engine bug: fail what is in flight, keep serving
                     logger.exception("engine loop iteration failed; failing every request in flight")
                     for request_id in list(self._subscribers):

@@ -7,7 +7,9 @@ one flat batch of tokens from many sequences per step, and attention over KV gat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,18 @@ from python_backend_utils.context_window import default_window, supported_window
 from python_backend_utils.engine import cpu_kernels
 from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.linear import DenseLinear, Int8Linear, make_linear
+from python_backend_utils.engine.sharding import Shard, model_shards
 from python_backend_utils.errors import InvalidRequestError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class StageLink(Protocol):
+    """A pipeline stage's hidden states: in from the previous stage, out to the next (engine/parallel.py)."""
+
+    def receive(self, num_tokens: int) -> torch.Tensor: ...
+
+    def send(self, hidden: torch.Tensor) -> None: ...
 
 
 class UnsupportedModelError(ValueError):
@@ -94,7 +105,12 @@ class KVPool:
 
 
 class PagedCausalLM:
-    def __init__(self, config: EngineConfig, model_dir: str) -> None:
+    """The whole model, or one parallel rank's part of it (`shard`, engine/sharding.py). A tensor-parallel
+    rank holds some heads and MLP channels: `all_reduce` sums the ranks' attention and MLP outputs. A
+    pipeline stage holds some layers: `stages` brings its input from the previous stage and takes its
+    output to the next (the leader, stage 0, gets the last stage's back for the logits)."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, shard: Shard | None = None) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         hf_config = AutoConfig.from_pretrained(model_dir)
@@ -111,10 +127,14 @@ class PagedCausalLM:
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         text_config = hf_model.config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.shard = shard or model_shards(text_config.num_hidden_layers, text_config.num_attention_heads,
+                                           text_config.num_key_value_heads, text_config.intermediate_size)[0]
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.stages: StageLink | None = None
         self.shape = ModelShape(
-            num_layers=text_config.num_hidden_layers,
-            num_heads=text_config.num_attention_heads,
-            num_kv_heads=text_config.num_key_value_heads,
+            num_layers=self.shard.layers[1] - self.shard.layers[0],
+            num_heads=self.shard.heads[1] - self.shard.heads[0],
+            num_kv_heads=self.shard.kv_heads[1] - self.shard.kv_heads[0],
             head_dim=head_dim,
             hidden_size=text_config.hidden_size,
             vocab_size=text_config.vocab_size,
@@ -123,7 +143,8 @@ class PagedCausalLM:
         self.eps = text_config.rms_norm_eps
         self.eos_token_ids = _eos_ids(hf_model.generation_config.eos_token_id or text_config.eos_token_id)
         self._load_weights(hf_model)
-        self._decode_table = self._fused_decode_table()
+        # The fused decode step runs every layer in one call: no room for the ranks' all-reduces.
+        self._decode_table = None if self.shard.splits_heads else self._fused_decode_table()
         self.max_model_len = self._max_model_len(config.max_model_len, text_config.to_dict())
         self.cos, self.sin = self._rotary_tables(hf_model, self.max_model_len)
         del hf_model
@@ -144,6 +165,14 @@ class PagedCausalLM:
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> DenseLinear | Int8Linear:
             return make_linear(take(weight), take(bias), self.quantization)
 
+        head_dim = self.shape.head_dim
+        heads = slice(self.shard.heads[0] * head_dim, self.shard.heads[1] * head_dim)
+        kv_heads = slice(self.shard.kv_heads[0] * head_dim, self.shard.kv_heads[1] * head_dim)
+        channels = slice(*self.shard.intermediate)
+
+        def rows(tensor: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+            return None if tensor is None else tensor[part]
+
         body = hf_model.model
         self.final_norm = take(body.norm.weight)
         self.lm_head = linear(hf_model.lm_head.weight)
@@ -151,20 +180,21 @@ class PagedCausalLM:
         # A tied LM head is the embedding: packed, it is looked up in its panels rather than kept twice.
         self.embed = None if tied and isinstance(self.lm_head, DenseLinear) else take(body.embed_tokens.weight)
         self.layers = []
-        for layer in body.layers:
+        for layer in body.layers[slice(*self.shard.layers)]:
             attn, mlp = layer.self_attn, layer.mlp
-            biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            parts = ((attn.q_proj, heads), (attn.k_proj, kv_heads), (attn.v_proj, kv_heads))
+            biases = [rows(p.bias, part) for p, part in parts]
             self.layers.append(
                 _Layer(
                     input_norm=take(layer.input_layernorm.weight),
-                    qkv=linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    qkv=linear(torch.cat([p.weight[part] for p, part in parts]),
                                torch.cat(biases) if biases[0] is not None else None),
                     q_norm=take(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
                     k_norm=take(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
-                    o_proj=linear(attn.o_proj.weight),
+                    o_proj=linear(attn.o_proj.weight[:, heads]),
                     post_norm=take(layer.post_attention_layernorm.weight),
-                    gate_up=linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    down=linear(mlp.down_proj.weight),
+                    gate_up=linear(torch.cat([mlp.gate_proj.weight[channels], mlp.up_proj.weight[channels]])),
+                    down=linear(mlp.down_proj.weight[:, channels]),
                 )
             )
 
@@ -217,8 +247,11 @@ class PagedCausalLM:
         last tokens (of every token of an all_logits chunk), in chunk order."""
         shape = self.shape
         plan = _StepPlan(chunks, pool, self.device, shape.head_dim)
-        hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
-                  else F.embedding(plan.input_ids, self.embed))
+        if self.shard.layers[0] > 0:
+            hidden = self.stages.receive(plan.num_tokens)
+        else:
+            hidden = (self.lm_head.weight_rows(plan.input_ids) if self.embed is None
+                      else F.embedding(plan.input_ids, self.embed))
         if (self._decode_table is not None and plan.only_decode and plan.in_place
                 and cpu_kernels.decode_layers_applies(plan.num_tokens)):
             # Decode only (one new token per sequence): every layer in one C call, same arithmetic (in
@@ -230,7 +263,7 @@ class PagedCausalLM:
                 plan.write_rows, pool.tensor, plan.decode_tables, plan.decode_lengths, shape.num_heads,
                 shape.num_kv_heads, shape.head_dim, self.layers[0].gate_up.out_features // 2, pool.block_size,
                 self.eps)
-            return self._logits(state.to(self.dtype), plan)
+            return self._output(state.to(self.dtype), plan)
         cos, sin = self.cos[plan.positions].unsqueeze(1), self.sin[plan.positions].unsqueeze(1)
         q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         for index, layer in enumerate(self.layers):
@@ -251,11 +284,24 @@ class PagedCausalLM:
             pool.rows.index_copy_(0, key_rows, k.reshape(-1, kv_width).to(pool.rows.dtype))
             pool.rows.index_copy_(0, value_rows, v.reshape(-1, kv_width).to(pool.rows.dtype))
             attended = plan.attend(q, k, v, pool, index, self.dtype)
-            hidden = residual + layer.o_proj(attended)
+            hidden = residual + self._summed(layer.o_proj(attended))
             residual = hidden
             gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
-            hidden = residual + layer.down(F.silu(gate) * up)
-        return self._logits(hidden, plan)
+            hidden = residual + self._summed(layer.down(F.silu(gate) * up))
+        return self._output(hidden, plan)
+
+    def _output(self, hidden: torch.Tensor, plan: _StepPlan) -> torch.Tensor | None:
+        """The logits, on the leader; on another rank nothing (a pipeline stage passes its hidden states on)."""
+        if self.stages is not None:
+            self.stages.send(hidden)
+            if not self.shard.is_leader:
+                return None
+            hidden = self.stages.receive(plan.num_tokens)
+        return self._logits(hidden, plan) if self.shard.is_leader else None
+
+    def _summed(self, partial: torch.Tensor) -> torch.Tensor:
+        """The whole layer's output from this rank's part of it (itself when the model is whole)."""
+        return partial if self.all_reduce is None else self.all_reduce(partial)
 
     def _logits(self, hidden: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         last = self._norm(hidden[plan.sample_rows], self.final_norm)

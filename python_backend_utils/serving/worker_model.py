@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend_utils.engine.config import EngineConfig
+from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.loop import EngineLoop
 from python_backend_utils.engine.outputs import RequestOutput
@@ -95,7 +95,11 @@ class LLMModel:
         self.params_key = b""
         self.params_rejected = 0
         if self.role == "aggregated":
-            engine = LLMEngine(config)
+            engine = LLMEngine(config, cores=cores)
+        elif config.world_size > 1:
+            raise ConfigError(f"{self.role}: tensor_parallel_size={config.tensor_parallel_size}, "
+                              f"pipeline_parallel_size={config.pipeline_parallel_size}: a parallel engine does not "
+                              "publish or pull each rank's KV yet: split `aggregated`, keep 1 here")
         else:
             self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
             from python_backend_utils.serving.kv_exchange import KVExchange, transfer_config
@@ -134,6 +138,8 @@ class LLMModel:
         gauges are never destroyed (metrics.py says why). Calling it twice is harmless."""
         if self.loop is not None:
             self.loop.stop()
+        if self.engine is not None:
+            self.engine.close()
         if self.transfer is not None:
             self.transfer.close()
         self.loop = self.transfer = self.engine = self.gauges = None
