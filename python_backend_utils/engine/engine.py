@@ -14,8 +14,9 @@ import torch
 from python_backend_utils.engine.block_manager import BlockManager
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.grammar import Grammars, apply_grammar_masks
+from python_backend_utils.engine.kv_pool import KVPool, ModelShape
 from python_backend_utils.engine.outputs import RequestOutput
-from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, ModelShape, PagedCausalLM
+from python_backend_utils.engine.paged_causal_lm import Chunk, PagedCausalLM
 from python_backend_utils.engine.parallel import ParallelModel, RankGroupError
 from python_backend_utils.engine.sampler import apply_bad_words, apply_penalties, sample, seeded_uniforms
 from python_backend_utils.engine.sampling_params import SamplingParams

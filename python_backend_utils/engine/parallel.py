@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from python_backend_utils.engine.config import EngineConfig
-from python_backend_utils.engine.paged_causal_lm import Chunk, KVPool, PagedCausalLM
+from python_backend_utils.engine.kv_pool import KVPool
+from python_backend_utils.engine.paged_causal_lm import Chunk, PagedCausalLM
 from python_backend_utils.engine.sharding import shard_for, split_cores
 
 # How long a collective may wait for the slowest rank: a layer of a long prefill on a loaded machine.

@@ -20,7 +20,7 @@ from kv_transfer import (
     TransferConfig,
     allocate_kv_pool,
 )
-from python_backend_utils.engine.paged_causal_lm import ModelShape
+from python_backend_utils.engine.kv_pool import ModelShape
 from python_backend_utils.engine.sequence import StartPull
 from python_backend_utils.environment import KV_ENV_PREFIX
 from python_backend_utils.serving.context_params import ContextPhaseParams, MalformedContextParamsError

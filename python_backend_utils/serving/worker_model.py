@@ -91,7 +91,7 @@ class LLMModel:
             config = dataclasses.replace(config, num_threads=threads_for(cores))
         pb_utils.Logger.log_info(f"{self.instance_name}: {config.describe()}, "
                                  f"{'cores ' + ','.join(map(str, sorted(cores))) if cores else 'unpinned'}")
-        self.transfer = None
+        self.kv_exchange = None
         self.params_key = b""
         self.params_rejected = 0
         if self.role == "aggregated":
@@ -104,13 +104,13 @@ class LLMModel:
             self.params_key = load_deployment_key(parameters)  # before the engine: fail fast without one
             from python_backend_utils.serving.kv_exchange import KVExchange, transfer_config
 
-            self.transfer = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}",
+            self.kv_exchange = KVExchange(transfer_config(parameters, f"{self.instance_name}@{os.getpid()}",
                                                        key=self.params_key))
-            engine = LLMEngine(config, allocate_pool=self.transfer.allocate_pool)
-            self.transfer.attach(engine.pool.tensor)
+            engine = LLMEngine(config, allocate_pool=self.kv_exchange.allocate_pool)
+            self.kv_exchange.attach(engine.pool.tensor)
         self.engine = engine
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.transfer else {}),
+        descriptions = {**ENGINE_METRICS, **(TRANSFER_METRICS if self.kv_exchange else {}),
                         **(PARAMS_METRICS if self.role == "generation" else {})}
         self.gauges = MetricSet("disagg", published(descriptions, detailed_metrics(parameters)), labels)
         self.loop = EngineLoop(engine, on_tick=self._publish_metrics, on_death=exit_stub)
@@ -140,9 +140,9 @@ class LLMModel:
             self.loop.stop()
         if self.engine is not None:
             self.engine.close()
-        if self.transfer is not None:
-            self.transfer.close()
-        self.loop = self.transfer = self.engine = self.gauges = None
+        if self.kv_exchange is not None:
+            self.kv_exchange.close()
+        self.loop = self.kv_exchange = self.engine = self.gauges = None
         gc.collect()
 
     def _publish_metrics(self) -> None:
@@ -160,8 +160,8 @@ class LLMModel:
             "prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens,
             "context_params_rejected_total": self.params_rejected,
         }
-        if self.transfer is not None:
-            t = self.transfer.metrics()
+        if self.kv_exchange is not None:
+            t = self.kv_exchange.metrics()
             values.update({
                 "kv_bytes_received_total": t["bytes_received"],  # shared-memory reads included
                 "kv_bytes_sent_total": t["bytes_sent"],
@@ -193,10 +193,10 @@ class LLMModel:
                 self._by_triton_id[triton_id] = request_id
             on_end = lambda: self._forget(triton_id, request_id)  # noqa: E731
         if self.role == "context":
-            publisher = ContextResponder(sender, self.transfer, self.loop, self.instance_name, on_end,
+            responder = ContextResponder(sender, self.kv_exchange, self.loop, self.instance_name, on_end,
                                          self.params_key, generation.prompt_ids, generation.params.top_logprobs)
-            self.loop.submit(request_id, generation.prompt_ids, generation.params, publisher.on_output,
-                             sender.is_cancelled, publisher.on_error, request_type=RequestType.CONTEXT_ONLY)
+            self.loop.submit(request_id, generation.prompt_ids, generation.params, responder.on_output,
+                             sender.is_cancelled, responder.on_error, request_type=RequestType.CONTEXT_ONLY)
             return
         stream = ResponseStream(sender, ResponseAssembler(generation), on_end)
         if self.role == "generation" and "context_phase_params" in inputs:
@@ -207,7 +207,7 @@ class LLMModel:
                 self.params_rejected += 1
                 raise
             check_token_ids([handoff.first_token], self.engine.vocab_size, "context_phase_params' first token")
-            start_pull = self.transfer.pull_starter(handoff)
+            start_pull = self.kv_exchange.pull_starter(handoff)
             self.loop.submit_generation(request_id, generation.prompt_ids, handoff.first_token, generation.params,
                                         start_pull, stream.on_output, sender.is_cancelled, stream.on_error)
             return
@@ -220,8 +220,8 @@ class LLMModel:
         if request_id is None:
             return
         self.loop.stop_request(request_id, f"request {triton_id} was stopped")
-        if self.transfer is not None:
-            self.transfer.revoke(request_id)
+        if self.kv_exchange is not None:
+            self.kv_exchange.revoke(request_id)
 
     def _forget(self, triton_id: str, request_id: str) -> None:
         with self._ids_lock:
@@ -232,10 +232,10 @@ class LLMModel:
 class ContextResponder:
     """Context role: answer with the first token and, while the request goes on, the KV's handle."""
 
-    def __init__(self, sender, transfer, loop: EngineLoop, instance_name: str, on_end,
+    def __init__(self, sender, kv_exchange, loop: EngineLoop, instance_name: str, on_end,
                  params_key: bytes, prompt_ids: list[int], top_logprobs: int) -> None:
         self.sender = sender
-        self.transfer = transfer
+        self.kv_exchange = kv_exchange
         self.loop = loop
         self.instance_name = instance_name
         self.on_end = on_end
@@ -252,7 +252,7 @@ class ContextResponder:
         }
         published = output.kv_block_ids is not None
         if published:
-            handle = self.transfer.publish(output.request_id, output.kv_block_ids, output.num_prompt_tokens,
+            handle = self.kv_exchange.publish(output.request_id, output.kv_block_ids, output.num_prompt_tokens,
                                            on_release=self._released)
             params = ContextPhaseParams(self.instance_name, output.token_ids[0], output.num_prompt_tokens, handle)
             signed = params.to_bytes(self.params_key, self.prompt_ids)

@@ -124,7 +124,7 @@ def test_the_generation_role_pulls_the_context_roles_kv_and_continues_as_aggrega
     run(models["generation"], decode)
     run(models["aggregated"], whole)
     assert [first, *decode.sender.tokens()] == whole.sender.tokens()
-    assert models["generation"].transfer.metrics()["pulls_completed"] >= 1
+    assert models["generation"].kv_exchange.metrics()["pulls_completed"] >= 1
 
 
 def test_tampered_context_phase_params_are_refused_and_counted(models):
