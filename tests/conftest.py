@@ -9,12 +9,11 @@ import pytest
 
 from launcher import TritonServer
 from launcher.cli import MODES
-from launcher.placement import ENGINE_MODELS
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from tests import pb_utils_stand_in
-from tests.helpers import PROMPTS, generate, wait_for_idle_kv
+from tests.helpers import FP32_SETTINGS, PROMPTS, generate, wait_for_idle_kv
 
 # Our models' Triton glue imports the module only the Python-backend stub provides: unit tests get the stand-in.
 sys.modules.setdefault("triton_python_backend_utils", pb_utils_stand_in)
@@ -31,8 +30,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
     (tests/integration/test_dtype_auto.py serves what auto picks)."""
     work = tmp_path_factory.mktemp("tritonserver")
     repository = work / "model_repository"
-    render_repository(DEFAULT_MODEL_REPOSITORY, repository,
-                      settings=tuple(Setting(model, "dtype", "float32") for model in ENGINE_MODELS))
+    render_repository(DEFAULT_MODEL_REPOSITORY, repository, settings=tuple(map(Setting.parse, FP32_SETTINGS)))
     server = TritonServer(
         **free_server_ports(),
         model_repository=repository,

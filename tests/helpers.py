@@ -47,6 +47,11 @@ def stream_results(url: str, model: str, inputs: list[grpcclient.InferInput]) ->
         client.close()
 
 
+# Settings that make a test server's engines compute in fp32, whatever `dtype: auto` picks: for servers whose
+# answers are compared with the session server's (tests/conftest.py says why it runs fp32) or with transformers'.
+FP32_SETTINGS = tuple(f"{model}.dtype=float32" for model in ("context", "generation", "aggregated"))
+
+
 def post_json(url: str, body: dict) -> bytes:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:

@@ -80,7 +80,7 @@ def test_default_model_split_over_ranks_matches_transformers(split, smol_referen
     """TP2 splits the 3 KV heads unevenly (2 + 1), TP3 evenly, PP2 the 30 layers 15 + 15; requests join a
     running batch mid-decode."""
     reference, prompts = smol_reference
-    engine = LLMEngine(EngineConfig(model_dir=str(default_model_dir()), num_kv_blocks=64, block_size=16, **split))
+    engine = LLMEngine(EngineConfig(dtype="float32", model_dir=str(default_model_dir()), num_kv_blocks=64, block_size=16, **split))
     try:
         local = engine.model.shard
         assert engine.pool.tensor.shape[1] == local.layers[1] - local.layers[0]  # the leader's pool: its layers
@@ -108,7 +108,7 @@ def test_each_supported_family_split_over_two_ranks_matches_transformers(family,
     from transformers import AutoModelForCausalLM
 
     directory = build_tiny_checkpoint(family, tmp_path / family)
-    engine = LLMEngine(EngineConfig(model_dir=str(directory), num_kv_blocks=64, block_size=4, **{split: 2}))
+    engine = LLMEngine(EngineConfig(dtype="float32", model_dir=str(directory), num_kv_blocks=64, block_size=4, **{split: 2}))
     try:
         reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         prompts = [[5, 6, 7, 8, 9, 10, 11], [42] * 3, list(range(100, 130))]
@@ -133,7 +133,7 @@ def tiny_dir(tmp_path):
 
 def test_a_dead_rank_fails_its_groups_requests_and_ends_the_loop_so_that_the_instance_is_reloaded(tiny_dir):
     """The loop's death is what makes the serving layer exit the stub, and Triton load the instance again."""
-    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=64, block_size=4, tensor_parallel_size=2))
+    engine = LLMEngine(EngineConfig(dtype="float32", model_dir=tiny_dir, num_kv_blocks=64, block_size=4, tensor_parallel_size=2))
     deaths: queue.Queue = queue.Queue()
     loop = EngineLoop(engine, on_death=deaths.put)
     try:
@@ -156,7 +156,7 @@ def test_a_dead_rank_fails_its_groups_requests_and_ends_the_loop_so_that_the_ins
 
 
 def test_ranks_stop_with_the_engine_and_die_with_their_leader(tiny_dir, tmp_path):
-    engine = LLMEngine(EngineConfig(model_dir=tiny_dir, num_kv_blocks=64, block_size=4, tensor_parallel_size=2))
+    engine = LLMEngine(EngineConfig(dtype="float32", model_dir=tiny_dir, num_kv_blocks=64, block_size=4, tensor_parallel_size=2))
     (process,) = engine.model.ranks._processes
     engine.close()
     assert process.returncode == 0  # asked to stop, it stopped (not killed)
@@ -165,7 +165,7 @@ def test_ranks_stop_with_the_engine_and_die_with_their_leader(tiny_dir, tmp_path
         "import sys, time\n"
         "from python_backend_utils.engine.config import EngineConfig\n"
         "from python_backend_utils.engine.engine import LLMEngine\n"
-        f"engine = LLMEngine(EngineConfig(model_dir={tiny_dir!r}, num_kv_blocks=8, block_size=4, "
+        f"engine = LLMEngine(EngineConfig(dtype='float32', model_dir={tiny_dir!r}, num_kv_blocks=8, block_size=4, "
         "tensor_parallel_size=2))\n"
         "print(engine.model.ranks._processes[0].pid, flush=True)\n"
         "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)

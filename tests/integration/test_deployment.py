@@ -21,7 +21,7 @@ from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from python_backend_utils.triton_glue.tokenizer import load_tokenizer
-from tests.helpers import PROMPTS, generate, metric_values, wait_until
+from tests.helpers import FP32_SETTINGS, PROMPTS, generate, metric_values, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,7 @@ def server(tmp_path_factory):
     settings = [f"context.kv_handle_ttl_s={HANDLE_TTL_S}", f"generation.max_num_seqs={GENERATION_MAX_NUM_SEQS}"] + [
         f"{model}.kv_cache_memory_bytes={128 << 20}" for model in ("context", "generation")
     ] + [f"{model}.detailed_metrics=true" for model in ("context", "disaggregated_serving_bls")]  # routing, hits
+    settings += FP32_SETTINGS
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml",
                       tuple(map(Setting.parse, settings)))
     triton = TritonServer(

@@ -22,7 +22,7 @@ from launcher import TritonServer
 from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
-from tests.helpers import PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv, wait_until
+from tests.helpers import FP32_SETTINGS, PROMPTS, generate, metric_values, stub_pids, wait_for_idle_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def layout_server(tmp_path_factory):
     )
     settings = ["generation.block_size=8", "generation.kv_cache_dtype=bfloat16", "aggregated.kv_cache_dtype=bfloat16",
                 f"generation.max_model_len={GENERATION_MAX_MODEL_LEN}"]
-    settings += [f"{model}.dtype=float32" for model in ("context", "generation", "aggregated")]
+    settings += FP32_SETTINGS
     settings += [f"{model}.kv_cache_memory_bytes={256 << 20}" for model in ("context", "generation", "aggregated")]
     settings.append("disaggregated_serving_bls.detailed_metrics=true")  # the router's decisions, per target
     repository = work / "model_repository"

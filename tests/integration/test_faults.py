@@ -29,6 +29,7 @@ from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from tests.helpers import (
+    FP32_SETTINGS,
     PROMPTS,
     crash_lines,
     generate,
@@ -56,6 +57,7 @@ def server(tmp_path_factory):
     settings = [f"{model}.kv_transfer_timeout_s={TRANSFER_TIMEOUT_S}" for model in ("context", "generation")]
     settings += [f"{model}.kv_response_timeout_s={TRANSFER_TIMEOUT_S}" for model in ("context", "generation")]
     settings += [f"{model}.kv_cache_memory_bytes={128 << 20}" for model in ("context", "generation")]
+    settings += FP32_SETTINGS
     repository = work / "model_repository"
     render_repository(DEFAULT_MODEL_REPOSITORY, repository, work / "deployment.yaml", tuple(map(Setting.parse, settings)))
     triton = TritonServer(repository, **free_server_ports(),

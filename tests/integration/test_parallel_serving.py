@@ -15,7 +15,7 @@ from launcher.ports import free_server_ports
 from launcher.repository import Setting, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY
 from python_backend_utils.environment import default_model_dir
-from tests.helpers import PROMPTS, generate
+from tests.helpers import FP32_SETTINGS, PROMPTS, generate
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("parallel")
     repository = work / "model_repository"
     render_repository(DEFAULT_MODEL_REPOSITORY, repository,
-                      settings=(Setting.parse("aggregated.tensor_parallel_size=2"),))
+                      settings=tuple(map(Setting.parse, ("aggregated.tensor_parallel_size=2", *FP32_SETTINGS))))
     triton = TritonServer(repository, **free_server_ports(), models=["ensemble_aggregated", "aggregated"],
                           log_file=work / "server.log")
     try:

@@ -93,6 +93,7 @@ def cluster(tmp_path_factory):
         config = cluster.repository / model / "config.pbtxt"
         set_parameter(config, "kv_use_shared_memory", "false")  # KV over UCX, as across hosts
         set_parameter(config, "kv_cache_memory_bytes", str(128 << 20))
+        set_parameter(config, "dtype", "float32")  # its answers are compared with the session server's
     set_parameter(cluster.repository / "disaggregated_serving_bls" / "config.pbtxt", "deployment_file",
                   str(cluster.deployment))
     workers = [cluster.server("context", MODES["context-server"]),
