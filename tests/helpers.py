@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from launcher.openai_process import OpenAIFrontend
+from launcher.ports import free_ports
 from python_backend_utils.triton_glue.stub_recovery import stub_pids as find_stub_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +54,19 @@ def stream_results(url: str, model: str, inputs: list[grpcclient.InferInput]) ->
 # Settings that make a test server's engines compute in fp32, whatever `dtype: auto` picks: for servers whose
 # answers are compared with the session server's (tests/conftest.py says why it runs fp32) or with transformers'.
 FP32_SETTINGS = tuple(f"{model}.dtype=float32" for model in ("context", "generation", "aggregated"))
+
+
+@contextlib.contextmanager
+def openai_frontend(server, work: Path, triton_model: str = "disaggregated_serving_bls") -> Iterator[OpenAIFrontend]:
+    """The OpenAI frontend on a free port in front of `server`'s `triton_model`, its log in `work`."""
+    [port] = free_ports(1)
+    frontend = OpenAIFrontend(triton_grpc_url=server.urls.grpc, triton_model=triton_model, port=port,
+                              host="127.0.0.1", log_file=work / "frontend.log")
+    try:
+        frontend.start()
+        yield frontend
+    finally:
+        frontend.stop()
 
 
 def post_json(url: str, body: dict) -> bytes:

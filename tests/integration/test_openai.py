@@ -17,7 +17,7 @@ from launcher.ports import free_ports
 from openai_frontend.chat_template import ChatTemplate
 from python_backend_utils.environment import DEFAULT_MODEL_NAME, default_model_dir
 from python_backend_utils.triton_glue.tokenizer import load_tokenizer
-from tests.helpers import generate, metric_values, wait_until
+from tests.helpers import generate, metric_values, openai_frontend, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +28,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def frontend(triton_server, tmp_path_factory):
-    [port] = free_ports(1)
-    log_file = tmp_path_factory.mktemp("openai") / "frontend.log"
-    server = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model="disaggregated_serving_bls",
-                            port=port, host="127.0.0.1", log_file=log_file)
-    try:
-        server.start()
+    with openai_frontend(triton_server, tmp_path_factory.mktemp("openai")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

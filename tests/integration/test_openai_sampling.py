@@ -13,10 +13,9 @@ from transformers import (
     SequenceBiasLogitsProcessor,
 )
 
-from launcher.openai_process import OpenAIFrontend
-from launcher.ports import free_ports
 from python_backend_utils.environment import DEFAULT_MODEL_NAME, default_model_dir
 from python_backend_utils.triton_glue.tokenizer import load_tokenizer
+from tests.helpers import openai_frontend
 
 pytestmark = pytest.mark.integration
 
@@ -28,18 +27,10 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def clients(triton_server, tmp_path_factory):
     """An OpenAI client per mode: "disaggregated" and "aggregated"."""
-    frontends = {}
-    try:
-        for mode, model in (("disaggregated", "disaggregated_serving_bls"), ("aggregated", "aggregated")):
-            [port] = free_ports(1)
-            frontends[mode] = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model=model, port=port,
-                                             host="127.0.0.1", log_file=tmp_path_factory.mktemp(mode) / "frontend.log")
-            frontends[mode].start()
+    with (openai_frontend(triton_server, tmp_path_factory.mktemp("disaggregated")) as disaggregated,
+          openai_frontend(triton_server, tmp_path_factory.mktemp("aggregated"), "aggregated") as aggregated):
         yield {mode: openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
-               for mode, frontend in frontends.items()}
-    finally:
-        for frontend in frontends.values():
-            frontend.stop()
+               for mode, frontend in (("disaggregated", disaggregated), ("aggregated", aggregated))}
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import jsonschema
 import openai
 import pytest
 
-from launcher.openai_process import OpenAIFrontend
-from launcher.ports import free_ports
 from python_backend_utils.environment import DEFAULT_MODEL_NAME
+from tests.helpers import openai_frontend
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +27,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def frontend_url(triton_server, tmp_path_factory):
-    [port] = free_ports(1)
-    log_file = tmp_path_factory.mktemp("openai") / "frontend.log"
-    server = OpenAIFrontend(triton_grpc_url=triton_server.urls.grpc, triton_model="disaggregated_serving_bls",
-                            port=port, host="127.0.0.1", log_file=log_file)
-    try:
-        server.start()
+    with openai_frontend(triton_server, tmp_path_factory.mktemp("openai")) as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
