@@ -102,10 +102,12 @@ def outcome(server, prompt: str) -> tuple[str, str]:
         return "error", json.loads(error.read() or b"{}").get("error", f"HTTP {error.code}")
 
 
-def under_load(server, fault, strike_when) -> list[tuple[str, str, str]]:
-    """Eight concurrent requests with `fault()` striking while they run, once `strike_when()` is
-    true: (prompt, kind, text)."""
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+LOAD_PROMPTS = tuple(PROMPTS[i % len(PROMPTS)] for i in range(8))
+
+
+def under_load(server, fault, strike_when, prompts=LOAD_PROMPTS) -> list[tuple[str, str, str]]:
+    """Concurrent requests (eight by default) with `fault()` striking while they run, once
+    `strike_when()` is true: (prompt, kind, text)."""
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(outcome, server, p) for p in prompts]
         wait_until(strike_when, timeout_s=60, interval_s=0.02)
@@ -182,11 +184,24 @@ def test_2_a_stub_triton_gave_up_on_is_replaced_never_resumed(server, aggregated
     assert server.running and not crash_lines(server.log_file.read_text(errors="replace"))
 
 
-def test_3_context_stub_killed_under_load(server, aggregated_answers):
+# Eight prompts of some 450 tokens, no two sharing a prefix: seconds of prefill on the context
+# instance, so a kill struck when its gauges (published every 0.25 s) say it holds work cannot come
+# after the work is done. With PROMPTS it all took well under a second on a quiet machine.
+LONG_PROMPTS = tuple(f"Chapter {i}. The history of the printing press begins in " + "the fifteenth century, " * 80
+                     + "when" for i in range(8))
+
+
+@pytest.fixture(scope="module")
+def long_answers(triton_server) -> dict[str, str]:
+    """The session server's aggregated answer to each of LONG_PROMPTS."""
+    return {prompt: generate(triton_server, "ensemble_aggregated", prompt) for prompt in LONG_PROMPTS}
+
+
+def test_3_context_stub_killed_under_load(server, aggregated_answers, long_answers):
     victim = stub_pid(server, "context")
     reloads_before, before = reloads(server), recovered(server)
-    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: holds_work(server, "context")),
-                   aggregated_answers)
+    counts = check(under_load(server, lambda: os.kill(victim, signal.SIGKILL), lambda: holds_work(server, "context"),
+                              LONG_PROMPTS), long_answers)
     print("context stub SIGKILL:", counts)
     assert counts["correct"] == 8  # prefilled on the generation instance instead: nothing is lost
     wait_until(lambda: recovered(server) > before, timeout_s=10)  # it died holding work
