@@ -293,6 +293,12 @@ def main() -> None:
     cores = frozenset(int(core) for core in args.cores.split(",")) if args.cores else None
     serve_rank(args.rank, args.port, args.model_dir, EngineConfig(**json.loads(args.config)),
                Connection(args.pipe, writable=False), cores)
+    # Nothing is left to clean up, and the interpreter's teardown (torch, the process group) took
+    # a second: the leader's close waits for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
