@@ -66,12 +66,14 @@ def test_an_instances_cores_are_dealt_out_to_its_ranks():
 
 
 @pytest.fixture(scope="module")
-def smol_reference():
+def smol_reference() -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, transformers' 8 greedy tokens) for each of PROMPTS, computed once for the module."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = str(default_model_dir())
-    return (AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32),
-            [AutoTokenizer.from_pretrained(directory)(p).input_ids for p in PROMPTS])
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    prompts = [AutoTokenizer.from_pretrained(directory)(p).input_ids for p in PROMPTS]
+    return [(prompt, reference_greedy(model, prompt, 8)) for prompt in prompts]
 
 
 @pytest.mark.parametrize("split", [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 3},
@@ -79,7 +81,7 @@ def smol_reference():
 def test_default_model_split_over_ranks_matches_transformers(split, smol_reference):
     """TP2 splits the 3 KV heads unevenly (2 + 1), TP3 evenly, PP2 the 30 layers 15 + 15; requests join a
     running batch mid-decode."""
-    reference, prompts = smol_reference
+    prompts = [prompt for prompt, _ in smol_reference]
     engine = LLMEngine(EngineConfig(dtype="float32", model_dir=str(default_model_dir()), num_kv_blocks=64, block_size=16, **split))
     try:
         local = engine.model.shard
@@ -95,8 +97,8 @@ def test_default_model_split_over_ranks_matches_transformers(split, smol_referen
                 outputs.setdefault(output.request_id, []).append(output)
         for request_id, more in run_to_completion(engine).items():
             outputs.setdefault(request_id, []).extend(more)
-        for index, prompt in enumerate(prompts):
-            assert tokens_of(outputs[f"r{index}"]) == reference_greedy(reference, prompt, 8), PROMPTS[index]
+        for index, (_, expected) in enumerate(smol_reference):
+            assert tokens_of(outputs[f"r{index}"]) == expected, PROMPTS[index]
     finally:
         engine.close()
 
