@@ -8,6 +8,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from python_backend_utils.engine import cpu_kernels
 from python_backend_utils.engine.config import ConfigError, EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.sampling_params import SamplingParams
@@ -155,9 +156,19 @@ def _recording(forward, logits: list[torch.Tensor]):
     return record
 
 
+# A bf16 model's fused step keeps fp32 between its bf16 products where the torch layers round each op
+# to bf16: their logits agree within a few bf16 ulps (measured: 0.5-0.7% of their norm), fp32's within 1e-5.
+BF16_PRODUCTS = cpu_kernels.BEST_ISA >= cpu_kernels.ISA_AVX512_BF16
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # QKV bias; per-head norms of queries and keys
-@pytest.mark.parametrize("settings", [{"kv_cache_dtype": "bfloat16", "block_size": 3}, {"weight_quantization": "int8"}])
-def test_decode_steps_in_one_call_equal_the_layer_by_layer_path(family, settings, tmp_path):
+@pytest.mark.parametrize(("settings", "tolerance"), [
+    ({"kv_cache_dtype": "bfloat16", "block_size": 3}, 1e-5),
+    ({"weight_quantization": "int8"}, 1e-5),
+    pytest.param({"dtype": "bfloat16"}, 0.02, marks=pytest.mark.skipif(
+        not BF16_PRODUCTS, reason="this CPU multiplies no bf16 (neither AVX512-BF16 nor AMX)")),
+], ids=["bf16-kv", "int8", "bf16"])
+def test_decode_steps_in_one_call_equal_the_layer_by_layer_path(family, settings, tolerance, tmp_path):
     """The fused C decode step (cpu_kernels.decode_layers) against the model's torch layers: same logits each step."""
     directory = str(build_tiny_checkpoint(family, tmp_path / family))
     runs = []
@@ -174,7 +185,7 @@ def test_decode_steps_in_one_call_equal_the_layer_by_layer_path(family, settings
     fused, layered = runs
     assert len(fused) == len(layered) > 10
     for step, (a, b) in enumerate(zip(fused, layered)):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5, step
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tolerance, step
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_dir, tiny_reference):
