@@ -271,7 +271,7 @@ def test_5_soak_with_cancellations_and_disconnects(server, aggregated_answers):
     afterwards no KV block is held anywhere.
 
     No stub is killed here (tests 3 and 4 do, under load): with a worker's stub killed in the middle
-    of this soak, the orchestrator's own stub died of heap corruption in 2 of 10 runs
+    of this soak, the orchestrator's own stub died of heap corruption in 2 of 9 runs
     (`malloc_consolidate(): invalid chunk size`; its core shows every thread idle in Triton's
     python-backend code, the heap already corrupt), and every request then open hung. That fault, not
     yet explained (README, "Remote instances and membership"), failed this test by chance, not by
