@@ -144,6 +144,8 @@ def test_a_dead_rank_fails_its_groups_requests_and_ends_the_loop_so_that_the_ins
         errors: queue.Queue = queue.Queue()
         loop.submit("before", [5, 6, 7], greedy(4), outputs.put, on_error=errors.put)
         assert outputs.get(timeout=60).token_ids  # the group serves
+        while not outputs.get(timeout=60).finished:  # and is idle when its rank dies: "after" meets the dead rank
+            pass
         (process,) = engine.model.ranks._processes
         process.kill()
         process.wait()
