@@ -21,9 +21,10 @@ serve: setup
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Every test that starts no tritonserver (unit tests, kernels, the transfer module's peers): for the edit-test loop.
+# Every test that starts no tritonserver (unit tests, kernels, the transfer module's peers), one pytest
+# worker a core (pytest-xdist): for the edit-test loop.
 test-fast: $(DEPS) lint
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration" -n auto --dist worksteal $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml: the noqa markers in the code mean something.
 lint: $(DEPS)
