@@ -5,8 +5,9 @@
 Prefill tokens/s of a 2048-token prompt and decode tokens/s at batch 1 and 8 for each split, the
 splits taking turns (each figure the best of --repeats runs: on a shared machine the best run is
 the least disturbed one), and for a tensor-parallel split the all-reduce's share of a decode step
-as the leader sees it (its wait for the slower rank included). Alone, the latency of gloo's
-all-reduce of a decode step's [batch, hidden] tensor between two processes.
+as the leader sees it (its wait for the slower rank included). Alone, the latency of one all-reduce
+of a decode step's [batch, hidden] tensor between two processes, through gloo and through shared
+memory (what a CPU group uses for tensors that fit its slots).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from benchmarks.bench_engine import engine_decode_tps, engine_prefill_tps
 from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.engine import LLMEngine
 from python_backend_utils.engine.parallel import AllReduce, ParallelModel, _process_group
+from python_backend_utils.engine.shm_all_reduce import SharedMemoryAllReduce, create_region, slot_bytes
 from python_backend_utils.environment import resolve_model_dir
 
 SPLITS = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "tp3": {"tensor_parallel_size": 3},
@@ -51,14 +53,20 @@ def decode_with_all_reduce_share(engine: LLMEngine, batch: int) -> tuple[float, 
     return tokens_per_s, (all_reduce.seconds - before) / (time.perf_counter() - started)
 
 
-def all_reduce_latency_us(hidden_size: int, batches: tuple[int, ...]) -> dict[str, float]:
-    """Median microseconds of one gloo all-reduce of [batch, hidden_size] fp32 between this process and a peer."""
+def all_reduce_latency_us(hidden_size: int, batches: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Median microseconds of one all-reduce of [batch, hidden_size] fp32 between this process and a peer,
+    through gloo and through shared memory."""
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    slot = slot_bytes(max(batches), hidden_size)
+    region = create_region(2, slot)
     peer = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_parallel", "--all-reduce-peer", str(store.port),
-                             "--hidden-size", str(hidden_size), "--batches", ",".join(map(str, batches))])
+                             "--hidden-size", str(hidden_size), "--batches", ",".join(map(str, batches)),
+                             "--region", str(region), "--slot", str(slot)], pass_fds=(region,))
     try:
-        reduce = AllReduce(_process_group(store, 0, 2, "cpu"))
-        return {str(batch): _median_us(reduce, torch.ones(batch, hidden_size)) for batch in batches}
+        group = _process_group(store, 0, 2, "cpu")
+        shared = SharedMemoryAllReduce(region, 0, 2, slot, peers_alive=lambda: peer.poll() is None, timeout_s=60)
+        return {name: {str(batch): _median_us(reduce, torch.ones(batch, hidden_size)) for batch in batches}
+                for name, reduce in (("gloo", AllReduce(group)), ("shared memory", AllReduce(group, shared)))}
     finally:
         peer.wait(timeout=300)
 
@@ -72,13 +80,15 @@ def _median_us(reduce: AllReduce, tensor: torch.Tensor) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
-def _serve_all_reduce_peer(port: int, hidden_size: int, batches: list[int]) -> None:
+def _serve_all_reduce_peer(port: int, hidden_size: int, batches: list[int], region: int, slot: int) -> None:
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=60))
-    reduce = AllReduce(_process_group(store, 1, 2, "cpu"))
-    for batch in batches:
-        tensor = torch.ones(batch, hidden_size)
-        for _ in range(ALL_REDUCE_ROUNDS):
-            reduce(tensor)
+    group = _process_group(store, 1, 2, "cpu")
+    shared = SharedMemoryAllReduce(region, 1, 2, slot, peers_alive=lambda: True, timeout_s=60)
+    for reduce in (AllReduce(group), AllReduce(group, shared)):
+        for batch in batches:
+            tensor = torch.ones(batch, hidden_size)
+            for _ in range(ALL_REDUCE_ROUNDS):
+                reduce(tensor)
 
 
 def measure(args) -> dict:
@@ -125,8 +135,9 @@ def print_result(result: dict) -> None:
             else:
                 cells.append(f"{max(values):.1f}")
         print(f"| {measure_name} | {' | '.join(cells)} |")
-    print("gloo all-reduce median latency, us: " + ", ".join(
-        f"[{batch}, hidden] {us:.0f}" for batch, us in result["all_reduce_us"].items()))
+    for name, latencies in result["all_reduce_us"].items():
+        print(f"{name} all-reduce median latency, us: " + ", ".join(
+            f"[{batch}, hidden] {us:.0f}" for batch, us in latencies.items()))
 
 
 def main() -> None:
@@ -138,9 +149,12 @@ def main() -> None:
     parser.add_argument("--all-reduce-peer", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hidden-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batches", help=argparse.SUPPRESS)
+    parser.add_argument("--region", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--slot", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.all_reduce_peer:
-        _serve_all_reduce_peer(args.all_reduce_peer, args.hidden_size, [int(b) for b in args.batches.split(",")])
+        _serve_all_reduce_peer(args.all_reduce_peer, args.hidden_size, [int(b) for b in args.batches.split(",")],
+                               args.region, args.slot)
         return
     args.splits = [s for s in args.splits.split(",") if s]
     result = measure(args)

@@ -918,6 +918,49 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The two halves of a shared-memory all-reduce's synchronisation (engine/shm_all_reduce.py).
+ * shm_publish(slot, src, nbytes, flag, value): copy this rank's tensor into its slot, then store the
+ * call's number in its flag, once the copy is visible to the other processes (memcpy may use
+ * non-temporal stores, which the release store alone would not order). */
+static PyObject *py_shm_publish(PyObject *self, PyObject *args)
+{
+    unsigned long long slot, src, flag;
+    long long nbytes, value;
+    if (!PyArg_ParseTuple(args, "KKLKL:shm_publish", &slot, &src, &nbytes, &flag, &value))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    memcpy((void *)(uintptr_t)slot, (const void *)(uintptr_t)src, (size_t)nbytes);
+    _mm_sfence();
+    __atomic_store_n((int64_t *)(uintptr_t)flag, (int64_t)value, __ATOMIC_RELEASE);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* shm_wait(flags, stride, count, value, spins): True once each of the `count` flags (int64, `stride`
+ * int64s apart) holds `value` or more, False after `spins` checks (the caller then yields the core and
+ * checks its peers' health). The GIL is released while it spins. */
+static PyObject *py_shm_wait(PyObject *self, PyObject *args)
+{
+    unsigned long long flags;
+    long long stride, count, value, spins;
+    if (!PyArg_ParseTuple(args, "KLLLL:shm_wait", &flags, &stride, &count, &value, &spins))
+        return NULL;
+    const int64_t *f = (const int64_t *)(uintptr_t)flags;
+    int done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < spins && !done; i++) {
+        done = 1;
+        for (long long c = 0; c < count; c++)
+            if (__atomic_load_n(f + c * stride, __ATOMIC_ACQUIRE) < value) {
+                done = 0;
+                _mm_pause();
+                break;
+            }
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(done);
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS,
      "4 with AMX (bf16), 3 with AVX512-BF16, 2 with AVX-512, 1 with AVX2 and FMA, 0 without (no packed_linear)."},
@@ -925,6 +968,10 @@ static PyMethodDef methods[] = {
      "Every transformer layer of a decode-only step (one new token per sequence), weights packed."},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Attention of one new token per sequence over its paged KV, read in place."},
+    {"shm_publish", py_shm_publish, METH_VARARGS,
+     "Copy a rank's all-reduce input into its shared slot, then publish the call's number in its flag."},
+    {"shm_wait", py_shm_wait, METH_VARARGS,
+     "Spin until every rank's flag holds the call's number (True), or give up after a number of checks."},
     {"packed_linear", py_packed_linear, METH_VARARGS,
      "y = (x @ w^T) * scale + bias with w packed in panels of 32 output channels, fp32, int8 or bf16."},
     {NULL, NULL, 0, NULL},

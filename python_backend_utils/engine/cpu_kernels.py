@@ -160,3 +160,19 @@ def decode_layers(table: torch.Tensor, weight_dtype: torch.dtype, state: torch.T
             pool.data_ptr(), pool.dtype == torch.bfloat16, tables.data_ptr(), lengths.data_ptr(), state.shape[0],
             state.shape[1], heads, kv_heads, head_dim, intermediate, table.shape[0], block_size, tables.shape[1],
             eps, isa, threads())
+
+
+def shared_memory_sync_applies() -> bool:
+    """Whether shm_all_reduce.py can synchronise its ranks (the flags' fences are in the C kernels)."""
+    return _cpu_kernels is not None
+
+
+def shm_publish(slot: torch.Tensor, tensor: torch.Tensor, flag_address: int, call: int) -> None:
+    """Copy `tensor` into `slot` (same size, contiguous), then store `call` at `flag_address` after the copy."""
+    _cpu_kernels.shm_publish(slot.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                             flag_address, call)
+
+
+def shm_wait(flags_address: int, stride: int, count: int, call: int, spins: int) -> bool:
+    """True once all `count` int64 flags, `stride` int64s apart, hold `call` or more; False after `spins` checks."""
+    return _cpu_kernels.shm_wait(flags_address, stride, count, call, spins)

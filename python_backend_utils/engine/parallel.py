@@ -5,7 +5,8 @@ stops the other ranks itself. Every step it sends each rank the step's chunks ov
 each rank runs its part of the model (engine/sharding.py) over its own KV pool, which holds only
 its heads or its layers. Tensor-parallel ranks sum their partial outputs with one all-reduce after
 the attention and one after the MLP; pipeline stages pass the step's hidden states on, the last
-back to the leader. Collectives go through torch.distributed: gloo on a CPU, NCCL on CUDA.
+back to the leader. Collectives go through torch.distributed: gloo on a CPU, NCCL on CUDA; on a
+CPU the all-reduces that fit a slot go through shared memory instead (engine/shm_all_reduce.py).
 
 Only the leader computes logits: the LM head stays whole on rank 0, which spares a gather of
 [batch, vocab / ranks] logits every step. Its cost is bandwidth: with the default model at TP2 a
@@ -39,6 +40,13 @@ from python_backend_utils.engine.config import EngineConfig
 from python_backend_utils.engine.kv_pool import KVPool
 from python_backend_utils.engine.paged_causal_lm import Chunk, PagedCausalLM
 from python_backend_utils.engine.sharding import shard_for, split_cores
+from python_backend_utils.engine.shm_all_reduce import (
+    PeerLostError,
+    SharedMemoryAllReduce,
+    create_region,
+    shared_memory_available,
+    slot_bytes,
+)
 
 # How long a collective may wait for the slowest rank: a layer of a long prefill on a loaded machine.
 COLLECTIVE_TIMEOUT = timedelta(seconds=300)
@@ -68,10 +76,12 @@ def rank_device(device: str, rank: int) -> str:
 
 
 class AllReduce:
-    """Sums a tensor over the group in place; counts the time spent, for the all-reduce's share of a step."""
+    """Sums a tensor over the group in place, through shared memory when it fits a slot (a CPU group),
+    else the process group; counts the time spent, for the all-reduce's share of a step."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, shared: SharedMemoryAllReduce | None = None) -> None:
         self.group = group
+        self.shared = shared
         self.seconds = 0.0
         self.calls = 0
 
@@ -79,8 +89,11 @@ class AllReduce:
         started = time.perf_counter()
         tensor = tensor.contiguous()
         try:
-            self.group.allreduce([tensor]).wait()
-        except RuntimeError as error:  # a peer died or timed out: the collective cannot complete
+            if self.shared is not None and self.shared.fits(tensor):
+                self.shared(tensor)
+            else:
+                self.group.allreduce([tensor]).wait()
+        except (RuntimeError, PeerLostError) as error:  # a peer died or timed out: the collective cannot complete
             raise RankGroupError(f"a rank of the tensor-parallel group failed mid-step ({error}): "
                                  "reload the model instance") from error
         self.seconds += time.perf_counter() - started
@@ -115,10 +128,11 @@ class StagePipe:
                                  "reload the model instance") from error
 
 
-def connect(model: PagedCausalLM, group: dist.ProcessGroup, device: str) -> None:
+def connect(model: PagedCausalLM, group: dist.ProcessGroup, device: str,
+            shared: SharedMemoryAllReduce | None = None) -> None:
     """Give a rank's model its collectives: all-reduces for a tensor-parallel rank, a pipe for a stage."""
     if model.shard.splits_heads:
-        model.all_reduce = AllReduce(group)
+        model.all_reduce = AllReduce(group, shared)
     else:
         model.stages = StagePipe(group, model.shard.rank, model.shard.size, model.shape.hidden_size, model.dtype,
                                  device)
@@ -143,8 +157,12 @@ def _python() -> str:
 class RankGroup:
     """The leader's side: starts ranks 1..size-1, sends them each step, stops them."""
 
-    def __init__(self, config: EngineConfig, model_dir: str, cores: frozenset[int] | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_dir: str, cores: frozenset[int] | None = None,
+                 all_reduce_slot: int | None = None) -> None:
+        """`all_reduce_slot`: bytes of a shared-memory all-reduce slot, for a tensor-parallel CPU group."""
         self.size = config.world_size
+        self.all_reduce_slot = all_reduce_slot
+        self.all_reduce_region = create_region(self.size, all_reduce_slot) if all_reduce_slot else None
         rank_cores = split_cores(cores, self.size)
         _pin(rank_cores[0])
         self.store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True, wait_for_workers=False,
@@ -161,7 +179,12 @@ class RankGroup:
                            "--parent", str(os.getpid())]
                 if rank_cores[rank] is not None:
                     command += ["--cores", ",".join(map(str, sorted(rank_cores[rank])))]
-                self._processes.append(subprocess.Popen(command, pass_fds=(read_end,), env=environment,
+                passed = (read_end,)
+                if self.all_reduce_region is not None:
+                    command += ["--all-reduce-region", str(self.all_reduce_region),
+                                "--all-reduce-slot", str(all_reduce_slot)]
+                    passed += (self.all_reduce_region,)
+                self._processes.append(subprocess.Popen(command, pass_fds=passed, env=environment,
                                                         stdin=subprocess.DEVNULL))
                 os.close(read_end)
                 self._pipes.append(Connection(write_end, readable=False))
@@ -177,6 +200,16 @@ class RankGroup:
             self.close()
             raise RankGroupError(f"the parallel ranks did not join ({error}); their errors are in the "
                                  "log above") from error
+
+    def shared_all_reduce(self) -> SharedMemoryAllReduce | None:
+        """The leader's side of the shared-memory all-reduce (None: the process group does them all)."""
+        if self.all_reduce_region is None:
+            return None
+        return SharedMemoryAllReduce(self.all_reduce_region, 0, self.size, self.all_reduce_slot,
+                                     peers_alive=self.alive, timeout_s=COLLECTIVE_TIMEOUT.total_seconds())
+
+    def alive(self) -> bool:
+        return all(process.poll() is None for process in self._processes)
 
     def send(self, message: tuple) -> None:
         for rank, (process, pipe) in enumerate(zip(self._processes, self._pipes), start=1):
@@ -198,6 +231,9 @@ class RankGroup:
                 pass
             pipe.close()
         self._pipes = []
+        if self.all_reduce_region is not None:
+            os.close(self.all_reduce_region)  # a mapping of it (shared_all_reduce) stays valid
+            self.all_reduce_region = None
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self._processes:
             try:
@@ -212,11 +248,14 @@ class ParallelModel:
     """The leader's model: rank 0's part, which sends every step to the other ranks before running it."""
 
     def __init__(self, config: EngineConfig, model_dir: str, cores: frozenset[int] | None = None) -> None:
-        shard = shard_for(_text_config(model_dir), config, 0)  # a bad split fails before any rank starts
-        self.ranks = RankGroup(config, model_dir, cores)
+        text_config = _text_config(model_dir)
+        shard = shard_for(text_config, config, 0)  # a bad split fails before any rank starts
+        slot = (slot_bytes(config.max_num_batched_tokens, text_config.hidden_size)
+                if shard.splits_heads and shared_memory_available(config.device) else None)
+        self.ranks = RankGroup(config, model_dir, cores, all_reduce_slot=slot)
         try:
             self.local = PagedCausalLM(config, model_dir, shard=shard)
-            connect(self.local, self.ranks.join(config.device), config.device)
+            connect(self.local, self.ranks.join(config.device), config.device, self.ranks.shared_all_reduce())
         except BaseException:
             self.ranks.close()
             raise
@@ -244,8 +283,9 @@ def _watch_parent(parent: int) -> None:
 
 
 def serve_rank(rank: int, port: int, model_dir: str, config: EngineConfig, pipe: Connection,
-               cores: frozenset[int] | None) -> None:
-    """A rank other than the leader: load its part, join the group, then run each step it is sent."""
+               cores: frozenset[int] | None, all_reduce: tuple[int, int] | None = None) -> None:
+    """A rank other than the leader: load its part, join the group, then run each step it is sent.
+    `all_reduce`: the leader's shared-memory all-reduce region (file descriptor) and slot bytes."""
     _pin(cores)
     torch.set_num_threads(config.num_threads)
     device = rank_device(config.device, rank)
@@ -253,7 +293,11 @@ def serve_rank(rank: int, port: int, model_dir: str, config: EngineConfig, pipe:
     model = PagedCausalLM(config, model_dir, shard=shard_for(_text_config(model_dir), config, rank))
     store = dist.TCPStore("127.0.0.1", port, config.world_size, is_master=False,
                           timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-    connect(model, _process_group(store, rank, config.world_size, device), device)
+    # A rank waits on the others as long as its leader lives (its watchdog ends it with the leader),
+    # and the leader, which watches every rank, fails the group when one dies.
+    shared = (SharedMemoryAllReduce(all_reduce[0], rank, config.world_size, all_reduce[1], peers_alive=lambda: True,
+                                    timeout_s=COLLECTIVE_TIMEOUT.total_seconds()) if all_reduce else None)
+    connect(model, _process_group(store, rank, config.world_size, device), device, shared)
     pool = None
     with torch.inference_mode():
         while True:
@@ -285,14 +329,17 @@ def main() -> None:
     parser.add_argument("--pipe", type=int, required=True, help="file descriptor the leader sends steps on")
     parser.add_argument("--parent", type=int, required=True, help="the leader's process id")
     parser.add_argument("--cores", default="", help="cores to run on, comma-separated")
+    parser.add_argument("--all-reduce-region", type=int, help="file descriptor of the shared-memory all-reduce")
+    parser.add_argument("--all-reduce-slot", type=int, help="bytes of one of its slots")
     args = parser.parse_args()
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True, name="leader-watchdog").start()
     if os.getppid() != args.parent:
         sys.exit(1)
     logging.basicConfig(level=logging.INFO, format=f"rank {args.rank}: %(levelname)s %(message)s")
     cores = frozenset(int(core) for core in args.cores.split(",")) if args.cores else None
+    all_reduce = (args.all_reduce_region, args.all_reduce_slot) if args.all_reduce_region is not None else None
     serve_rank(args.rank, args.port, args.model_dir, EngineConfig(**json.loads(args.config)),
-               Connection(args.pipe, writable=False), cores)
+               Connection(args.pipe, writable=False), cores, all_reduce)
     # Nothing is left to clean up, and the interpreter's teardown (torch, the process group) took
     # a second: the leader's close waits for it.
     logging.shutdown()
