@@ -341,3 +341,12 @@ def test_with_an_api_key_the_api_answers_only_requests_that_carry_it(triton_serv
             assert 'model_name="my-model"' in response.read().decode()
     finally:
         guarded.stop()
+
+
+def test_the_served_benchmark_times_a_whole_streamed_answer(frontend):
+    """benchmarks.bench_served, which puts our server beside llama-server, counts what the stream carried."""
+    from benchmarks.bench_served import served_model, timed_chat_stream
+
+    address = frontend.url.removeprefix("http://")
+    first, last, tokens = timed_chat_stream(address, served_model(address), "Say something.", 8, timeout_s=60)
+    assert tokens == 8 and 0 < first <= last
