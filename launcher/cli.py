@@ -16,7 +16,7 @@ from launcher.placement import ENGINE_MODELS, WHOLE_DEPLOYMENT_MODES, place_inst
 from launcher.repository import RenderError, Setting, apply_settings, render_repository
 from launcher.server import DEFAULT_MODEL_REPOSITORY, ServerStartError, TritonServer
 from launcher.stopping import Stopped, StopSignals
-from launcher.supervisor import Supervisor
+from launcher.supervisor import ORCHESTRATOR_MODEL, OrchestratorWatch, Supervisor
 from python_backend_utils.cpu_features import AUTO_DTYPE, auto_dtype, auto_dtype_reason, cpu_flags
 from python_backend_utils.environment import API_KEY_ENV
 from python_backend_utils.orchestration.deployment import DeploymentError
@@ -209,7 +209,8 @@ def serve(args: argparse.Namespace, repository: Path, stop_signals: StopSignals)
             frontend.start()
         print(banner(server, "ensemble_aggregated" if args.mode == "aggregated" else "ensemble", frontend),
               flush=True)
-        return Supervisor(server, stop_signals).run()
+        watch = OrchestratorWatch(repository, expected=bool({"ensemble", ORCHESTRATOR_MODEL} & set(models)))
+        return Supervisor(server, stop_signals, watch=watch).run()
     except (ServerStartError, FrontendStartError) as error:
         print(error, file=sys.stderr)
         return 1

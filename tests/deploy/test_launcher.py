@@ -25,7 +25,9 @@ from launcher.openai_process import OpenAIFrontend, frontend_target
 from launcher.ports import free_ports, free_server_ports
 from launcher.runtime import TritonRuntime, find_runtime
 from launcher.server import ServerStartError, TritonServer, server_shell
+from launcher.supervisor import ORCHESTRATOR_MODEL, OrchestratorWatch
 from python_backend_utils.environment import resolve_model_dir
+from python_backend_utils.triton_glue.stub_recovery import stub_pids
 from tests.helpers import wait_until
 
 ECHO_CONFIG = """
@@ -291,6 +293,42 @@ def test_bodies_that_crashed_triton_are_answered_and_a_crash_is_restarted(tmp_pa
             cli.wait()
     time.sleep(0.5)
     assert processes_mentioning(str(repository)) == []
+
+
+def test_the_orchestrator_watch_counts_a_stub_lost_at_two_looks_in_a_row(monkeypatch):
+    monkeypatch.setattr("launcher.supervisor.STUB_CHECK_INTERVAL_S", 0.0)
+    looks = iter([[7], [], [7], [], []])
+    watch = OrchestratorWatch(Path("/repo"), expected=False, find=lambda *_: next(looks))
+    assert [watch.lost() for _ in range(5)] == [None, None, None, None, "the orchestrator's stub process is gone"]
+    aggregated = OrchestratorWatch(Path("/repo"), expected=False, find=lambda *_: [])
+    assert [aggregated.lost() for _ in range(3)] == [None] * 3  # never had one
+    loading = OrchestratorWatch(Path("/repo"), expected=True, find=lambda *_: [])
+    assert [loading.lost() for _ in range(2)] == [None, "the orchestrator's stub process is gone"]
+
+
+@pytest.mark.integration
+def test_a_server_whose_orchestrator_stub_died_is_restarted(tmp_path):
+    """Triton 2.51 neither restarts the stub of a decoupled model nor ends the requests it held: an
+    ensemble whose orchestrator stub died would hang until tritonserver restarted."""
+    repository = write_model(tmp_path / "repo", ORCHESTRATOR_MODEL)
+    with (repository / ORCHESTRATOR_MODEL / "config.pbtxt").open("a") as config:
+        config.write("model_transaction_policy { decoupled: true }\n")  # as ours is: Triton restarts the others'
+    cli, http_port, errors = start_cli(repository, ORCHESTRATOR_MODEL)
+    try:
+        [stub] = stub_pids(repository, ORCHESTRATOR_MODEL, 1)
+        os.kill(stub, signal.SIGKILL)
+        restarted = [next_launcher_line(errors) for _ in range(2)]
+        assert ("the orchestrator's stub process is gone: tritonserver stopped; restarting in 1 s "
+                "(disagg_launcher_restarts_total 1)") in restarted[0]
+        assert "ready again (disagg_launcher_restarts_total 1)" in restarted[1]
+        assert model_ready(http_port, ORCHESTRATOR_MODEL)
+        assert stub_pids(repository, ORCHESTRATOR_MODEL, 1) not in ([], [stub])
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
 
 
 # --- Stopping the launcher: nothing is left behind, at any moment and by any signal (issue 26) ---
