@@ -22,9 +22,10 @@ test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every test that starts no tritonserver (unit tests, kernels, the transfer module's peers), one pytest
-# worker a core (pytest-xdist): for the edit-test loop.
+# worker a core (pytest-xdist), each one thread unless a test sets more (two-thread workers on two
+# cores made timing tests miss their bounds): for the edit-test loop.
 test-fast: $(DEPS) lint
-	$(BIN)/python -m pytest -m "not integration" -n auto --dist worksteal $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not integration" -n auto --dist worksteal $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml: the noqa markers in the code mean something.
 lint: $(DEPS)
