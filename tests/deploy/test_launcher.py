@@ -244,6 +244,18 @@ def start_cli(repository: Path, model: str) -> tuple[subprocess.Popen, int, queu
     raise AssertionError("disagg-serve exited before it was ready")
 
 
+def assert_stops_on_sigterm(cli: subprocess.Popen) -> None:
+    cli.send_signal(signal.SIGTERM)
+    assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+
+
+def kill_if_running(cli: subprocess.Popen) -> None:
+    """A failed test's launcher: its whole group goes."""
+    if cli.poll() is None:
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+
+
 def next_launcher_line(errors: queue.Queue) -> str:
     """The launcher's next own line on stderr (tritonserver logs there too)."""
     while not (line := errors.get(timeout=120)).startswith("disagg-serve:"):
@@ -285,12 +297,9 @@ def test_bodies_that_crashed_triton_are_answered_and_a_crash_is_restarted(tmp_pa
         assert "exited with status -11; restarting in 1 s (disagg_launcher_restarts_total 1)" in restarted[0]
         assert "ready again (disagg_launcher_restarts_total 1)" in restarted[1]
         assert model_ready(http_port, "echo")
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+        assert_stops_on_sigterm(cli)
     finally:
-        if cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait()
+        kill_if_running(cli)
     time.sleep(0.5)
     assert processes_mentioning(str(repository)) == []
 
@@ -323,12 +332,9 @@ def test_a_server_whose_orchestrator_stub_died_is_restarted(tmp_path):
         assert "ready again (disagg_launcher_restarts_total 1)" in restarted[1]
         assert model_ready(http_port, ORCHESTRATOR_MODEL)
         assert stub_pids(repository, ORCHESTRATOR_MODEL, 1) not in ([], [stub])
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+        assert_stops_on_sigterm(cli)
     finally:
-        if cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait()
+        kill_if_running(cli)
 
 
 # --- Stopping the launcher: nothing is left behind, at any moment and by any signal (issue 26) ---
